@@ -4,17 +4,36 @@ Ops (each takes backend=None|"torch"|"triton"|"cpp"; see embedcore.backends):
     pool_l2, contrastive_loss, lora_linear
 Modules:
     Pooler, ContrastiveLoss, LoRALinear
+LoRA on any transformers model:
+    apply_lora
+Everything but pool_l2 is imported lazily, so `import embedcore` stays cheap for other trainers.
 """
+import importlib as _importlib
 import logging as _logging
 
 from embedcore.backends import available_backends, backend_status
-from embedcore.ops.pool_l2 import pool_l2
 from embedcore.nn.pooler import Pooler
+from embedcore.ops.pool_l2 import pool_l2
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "contrastive_loss": "embedcore.ops.contrastive",
+    "ContrastiveLoss": "embedcore.nn.contrastive",
+    "lora_linear": "embedcore.ops.lora_linear",
+    "LoRALinear": "embedcore.nn.lora",
+    "apply_lora": "embedcore.lora.apply",
+}
+
+__all__ = ["pool_l2", "Pooler", "available_backends", "backend_status", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(_importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'embedcore' has no attribute {name!r}")
+
 
 _cpp_ok, _cpp_why = backend_status()["cpp"]
 if not _cpp_ok:  # said once, at import: CPU tensors then run the torch reference
     _logging.getLogger("embedcore").warning("embedcore: %s; CPU ops use the torch reference backend", _cpp_why)
-
-__all__ = ["pool_l2", "Pooler", "available_backends"]
