@@ -9,8 +9,8 @@ LoRA on any transformers model:
 Everything but pool_l2 is imported lazily, so `import embedcore` stays cheap for other trainers.
 """
 import importlib as _importlib
-import logging as _logging
 
+from embedcore import backends as _backends
 from embedcore.backends import available_backends, backend_status
 from embedcore.nn.pooler import Pooler
 from embedcore.ops.pool_l2 import pool_l2
@@ -36,4 +36,4 @@ def __getattr__(name):
 
 _cpp_ok, _cpp_why = backend_status()["cpp"]
 if not _cpp_ok:  # said once, at import: CPU tensors then run the torch reference
-    _logging.getLogger("embedcore").warning("embedcore: %s; CPU ops use the torch reference backend", _cpp_why)
+    _backends.notice_fallback("cpp", _cpp_why)

@@ -97,7 +97,12 @@ def resolve(backend: str | None, *tensors: torch.Tensor | None) -> str:
     ok, why = _can_run(preferred, device)
     if ok:
         return preferred
-    if preferred not in _noticed:
-        _noticed.add(preferred)
-        log.warning("embedcore: %s backend unavailable (%s); using the torch reference", preferred, why)
+    notice_fallback(preferred, why)
     return "torch"
+
+
+def notice_fallback(name: str, why: str) -> None:
+    """Say once per process that `name` is missing and the torch reference runs instead."""
+    if name not in _noticed:
+        _noticed.add(name)
+        log.warning("embedcore: %s backend unavailable (%s); using the torch reference", name, why)
