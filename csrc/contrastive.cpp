@@ -1,0 +1,253 @@
+// contrastive_loss on CPU: InfoNCE tile by tile, never a [B, P] tensor (see
+// embedcore/ops/contrastive.py for the maths). Each [BQ, BP] score tile goes through one
+// GEMM (at::mm_out, multi-threaded MKL) into a reusable buffer; the per-row work (scale,
+// mask, online log-sum-exp, rank counts) runs under at::parallel_for; exp runs as
+// at::exp_ on the whole tile (ATen's runtime-dispatched vectorised kernel: this file is
+// compiled without -mavx2, so a hand loop would stay scalar).
+//
+// Forward:  s = q p^T / T per tile; per row i an online lse over the non-excluded columns
+//           (m_i = running max, l_i = sum exp(s - m_i)) and the count of columns beating s_pos.
+// Backward: dS = scale * (exp(s - lse_i) [j not excluded] - [j == pos(i)]), scale = g / (B T);
+//           dq += dS p_blk, dp_blk += dS^T q_blk (addmm_ into fp32 accumulators).
+// bf16/fp16 inputs: each block is converted to fp32 into a small buffer before its GEMM.
+#include "common.h"
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace embedcore {
+
+namespace {
+
+constexpr int64_t kTileQ = 256;   // query rows per tile
+constexpr int64_t kTileP = 1024;  // passage columns per tile: 256 x 1024 fp32 = 1 MiB, about one L2
+
+// rows [r0, r0 + n) of t in the accumulation dtype: a view when t already is, else a copy
+// into `buf` (a flat reusable buffer of at least n * D elements).
+at::Tensor rows_in_acc(const at::Tensor& t, int64_t r0, int64_t n, at::Tensor& buf) {
+  auto rows = t.narrow(0, r0, n);
+  if (rows.scalar_type() == buf.scalar_type()) return rows;
+  auto out = buf.narrow(0, 0, n * t.size(1)).view({n, t.size(1)});
+  out.copy_(rows);
+  return out;
+}
+
+at::Tensor tile_view(at::Tensor& buf, int64_t rows, int64_t cols) {
+  return buf.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& p, const at::Tensor& pos,
+                  const c10::optional<at::Tensor>& ids) {
+  check_cpu_contiguous(q, "q");
+  check_cpu_contiguous(p, "p");
+  check_cpu_contiguous(pos, "positive_index");
+  EC_CHECK(q.dim() == 2 && p.dim() == 2 && q.size(1) == p.size(1), "q must be [B, D] and p [P, D], got ",
+           q.sizes(), " and ", p.sizes());
+  EC_CHECK(q.scalar_type() == p.scalar_type(), "q and p must share a dtype, got ", q.scalar_type(), " and ",
+           p.scalar_type());
+  EC_CHECK(pos.scalar_type() == at::kLong && pos.dim() == 1 && pos.size(0) == q.size(0),
+           "positive_index must be int64 [B] = [", q.size(0), "], got ", pos.scalar_type(), " ", pos.sizes());
+  if (ids.has_value()) {
+    check_cpu_contiguous(*ids, "passage_ids");
+    EC_CHECK(ids->scalar_type() == at::kLong && ids->dim() == 1 && ids->size(0) == p.size(0),
+             "passage_ids must be int64 [P] = [", p.size(0), "], got ", ids->scalar_type(), " ", ids->sizes());
+  }
+  const int64_t P = p.size(0);
+  const int64_t* pi = pos.data_ptr<int64_t>();
+  for (int64_t i = 0; i < pos.size(0); ++i)
+    EC_CHECK(pi[i] >= 0 && pi[i] < P, "positive_index[", i, "] = ", pi[i], " is out of range for P = ", P);
+}
+
+// s_pos[i] = <q_i, p_pos(i)> / T in the accumulation dtype.
+template <typename scalar_t, typename A>
+std::vector<A> positive_scores(const at::Tensor& q, const at::Tensor& p, const int64_t* pos, A inv_t) {
+  const int64_t B = q.size(0), D = q.size(1);
+  const scalar_t* qd = q.data_ptr<scalar_t>();
+  const scalar_t* pd = p.data_ptr<scalar_t>();
+  std::vector<A> s_pos(B);
+  at::parallel_for(0, B, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      A acc = 0;
+      const scalar_t* qr = qd + i * D;
+      const scalar_t* pr = pd + pos[i] * D;
+      for (int64_t d = 0; d < D; ++d) acc += static_cast<A>(qr[d]) * static_cast<A>(pr[d]);
+      s_pos[i] = acc * inv_t;
+    }
+  });
+  return s_pos;
+}
+
+template <typename scalar_t>
+std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& p, const at::Tensor& pos_t,
+                                     const c10::optional<at::Tensor>& ids_t, double inv_temperature) {
+  using A = acc_t<scalar_t>;
+  const int64_t B = q.size(0), P = p.size(0), D = q.size(1);
+  const auto acc_opts = q.options().dtype(acc_scalar_type(q.scalar_type()));
+  const int64_t* pos = pos_t.data_ptr<int64_t>();
+  const int64_t* ids = ids_t.has_value() ? ids_t->data_ptr<int64_t>() : nullptr;
+  const A inv_t = static_cast<A>(inv_temperature);
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+
+  const std::vector<A> s_pos = positive_scores<scalar_t, A>(q, p, pos, inv_t);
+  std::vector<A> run_max(B, neg_inf), run_sum(B, A(0));
+  std::vector<int64_t> beaten(B, 0);  // columns scoring strictly above the positive
+
+  auto tile_buf = at::empty({kTileQ * kTileP}, acc_opts);
+  auto q_buf = at::empty({std::min(B, kTileQ) * D}, acc_opts);
+  auto p_buf = at::empty({std::min(P, kTileP) * D}, acc_opts);
+
+  for (int64_t j0 = 0; j0 < P; j0 += kTileP) {
+    const int64_t nj = std::min(kTileP, P - j0);
+    auto pb = rows_in_acc(p, j0, nj, p_buf);
+    for (int64_t i0 = 0; i0 < B; i0 += kTileQ) {
+      const int64_t ni = std::min(kTileQ, B - i0);
+      auto qb = rows_in_acc(q, i0, ni, q_buf);
+      auto S = tile_view(tile_buf, ni, nj);
+      at::mm_out(S, qb, pb.t());
+      A* s = S.data_ptr<A>();
+      // Pass 1: scale, mask (-inf), tile max, rank counts; then shift by the new running max
+      // and rescale the running sum so that after exp the tile adds directly.
+      at::parallel_for(0, ni, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t i = i0 + r, pi = pos[i];
+          const int64_t pid = ids ? ids[pi] : 0;
+          const A sp = s_pos[i];
+          A* row = s + r * nj;
+          A tmax = neg_inf;
+          int64_t count = 0;
+          for (int64_t c = 0; c < nj; ++c) {
+            const int64_t j = j0 + c;
+            const A v = row[c] * inv_t;
+            if (ids && j != pi && ids[j] == pid) {  // a copy of the positive: not a negative
+              row[c] = neg_inf;
+              continue;
+            }
+            row[c] = v;
+            tmax = std::max(tmax, v);
+            count += (v > sp && j != pi);
+          }
+          beaten[i] += count;
+          const A m_new = std::max(run_max[i], tmax);
+          if (m_new == neg_inf) continue;  // nothing counted yet for this row: exp(-inf) = 0 below
+          run_sum[i] *= std::exp(run_max[i] - m_new);
+          run_max[i] = m_new;
+          for (int64_t c = 0; c < nj; ++c) row[c] -= m_new;
+        }
+      });
+      at::exp_(S);
+      auto tile_sums = S.sum(1);
+      const A* ts = tile_sums.data_ptr<A>();
+      for (int64_t r = 0; r < ni; ++r) run_sum[i0 + r] += ts[r];
+    }
+  }
+
+  auto lse = at::empty({B}, acc_opts);
+  auto row_loss = at::empty({B}, acc_opts);
+  auto ranks = at::empty({B}, q.options().dtype(at::kLong));
+  A* l = lse.data_ptr<A>();
+  A* rl = row_loss.data_ptr<A>();
+  int64_t* rk = ranks.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    l[i] = run_max[i] + std::log(run_sum[i]);  // the positive is never masked: run_sum >= its term
+    rl[i] = l[i] - s_pos[i];
+    rk[i] = 1 + beaten[i];
+  }
+  return {lse, row_loss, ranks};
+}
+
+template <typename scalar_t>
+std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& p, const at::Tensor& pos_t,
+                                      const c10::optional<at::Tensor>& ids_t, const at::Tensor& lse_t,
+                                      double scale, double inv_temperature, bool need_q, bool need_p) {
+  using A = acc_t<scalar_t>;
+  const int64_t B = q.size(0), P = p.size(0), D = q.size(1);
+  const auto acc_opts = q.options().dtype(acc_scalar_type(q.scalar_type()));
+  const int64_t* pos = pos_t.data_ptr<int64_t>();
+  const int64_t* ids = ids_t.has_value() ? ids_t->data_ptr<int64_t>() : nullptr;
+  const A* lse = lse_t.data_ptr<A>();
+  const A inv_t = static_cast<A>(inv_temperature);
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+
+  // fp32 accumulators; for fp32/fp64 inputs they are the returned gradients themselves.
+  auto dq = need_q ? at::zeros({B, D}, acc_opts) : at::empty({0}, q.options());
+  auto dp = need_p ? at::zeros({P, D}, acc_opts) : at::empty({0}, p.options());
+
+  auto tile_buf = at::empty({kTileQ * kTileP}, acc_opts);
+  auto q_buf = at::empty({std::min(B, kTileQ) * D}, acc_opts);
+  auto p_buf = at::empty({std::min(P, kTileP) * D}, acc_opts);
+
+  for (int64_t j0 = 0; j0 < P; j0 += kTileP) {
+    const int64_t nj = std::min(kTileP, P - j0);
+    auto pb = rows_in_acc(p, j0, nj, p_buf);
+    for (int64_t i0 = 0; i0 < B; i0 += kTileQ) {
+      const int64_t ni = std::min(kTileQ, B - i0);
+      auto qb = rows_in_acc(q, i0, ni, q_buf);
+      auto S = tile_view(tile_buf, ni, nj);
+      at::mm_out(S, qb, pb.t());
+      A* s = S.data_ptr<A>();
+      at::parallel_for(0, ni, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t i = i0 + r, pi = pos[i];
+          const int64_t pid = ids ? ids[pi] : 0;
+          const A li = lse[i];
+          A* row = s + r * nj;
+          for (int64_t c = 0; c < nj; ++c) {
+            const int64_t j = j0 + c;
+            row[c] = (ids && j != pi && ids[j] == pid) ? neg_inf : row[c] * inv_t - li;
+          }
+        }
+      });
+      at::exp_(S);  // softmax, 0 on excluded columns
+      for (int64_t r = 0; r < ni; ++r) {
+        const int64_t c = pos[i0 + r] - j0;
+        if (c >= 0 && c < nj) s[r * nj + c] -= A(1);  // minus the one-hot of the positive
+      }
+      if (need_q) dq.narrow(0, i0, ni).addmm_(S, pb, 1, scale);
+      if (need_p) dp.narrow(0, j0, nj).addmm_(S.t(), qb, 1, scale);
+    }
+  }
+  if (need_q && dq.scalar_type() != q.scalar_type()) dq = dq.to(q.scalar_type());
+  if (need_p && dp.scalar_type() != p.scalar_type()) dp = dp.to(p.scalar_type());
+  return {dq, dp};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> contrastive_forward(const at::Tensor& q, const at::Tensor& p, const at::Tensor& positive_index,
+                                            const c10::optional<at::Tensor>& passage_ids, double inv_temperature) {
+  check_inputs(q, p, positive_index, passage_ids);
+  EC_CHECK(inv_temperature > 0 && std::isfinite(inv_temperature), "1 / temperature must be finite and > 0, got ",
+           inv_temperature);
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "contrastive_forward", [&] {
+    out = forward_impl<scalar_t>(q, p, positive_index, passage_ids, inv_temperature);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> contrastive_backward(const at::Tensor& q, const at::Tensor& p, const at::Tensor& positive_index,
+                                             const c10::optional<at::Tensor>& passage_ids, const at::Tensor& lse,
+                                             double scale, double inv_temperature, bool need_q, bool need_p) {
+  check_inputs(q, p, positive_index, passage_ids);
+  check_cpu_contiguous(lse, "lse");
+  EC_CHECK(lse.dim() == 1 && lse.size(0) == q.size(0) && lse.scalar_type() == acc_scalar_type(q.scalar_type()),
+           "lse must be [B] of the accumulation dtype, got ", lse.scalar_type(), " ", lse.sizes());
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "contrastive_backward", [&] {
+    out = backward_impl<scalar_t>(q, p, positive_index, passage_ids, lse, scale, inv_temperature, need_q, need_p);
+  });
+  return out;
+}
+
+}  // namespace embedcore
+
+TORCH_LIBRARY_FRAGMENT(embedcore, m) {
+  m.def("contrastive_forward(Tensor q, Tensor p, Tensor positive_index, Tensor? passage_ids, float inv_temperature) -> Tensor[]");
+  m.def("contrastive_backward(Tensor q, Tensor p, Tensor positive_index, Tensor? passage_ids, Tensor lse, float scale, "
+        "float inv_temperature, bool need_q, bool need_p) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(embedcore, CPU, m) {
+  m.impl("contrastive_forward", &embedcore::contrastive_forward);
+  m.impl("contrastive_backward", &embedcore::contrastive_backward);
+}
