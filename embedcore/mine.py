@@ -1,0 +1,322 @@
+"""Hard-negative mining: `python -m embedcore.mine [config.yaml] --mining.KEY VALUE ...`.
+
+    torchrun --nproc-per-node=8 -m embedcore.mine examples/mining.yaml \
+        --mining.model_name_or_path /path/to/model \
+        --mining.train_qa_file_path /path/to/input.json \
+        --mining.train_file_output_path /path/to/output_with_negatives.json
+
+Input: corpus-ID JSON (its corpora are mined), or inline JSONL plus `mining.corpus_path` (each
+positive text must be a document of that corpus). Output: corpus-ID JSON, the input's rows (and
+any extra keys) with `pos_doc` / `neg_doc` rebuilt as lists of {"id", "score"}, plus
+{"mining": {"args": {...}, "summary": {...}}}; it trains directly with train.py.
+Every rank computes; rank 0 writes. Bad input stops with one line saying what and where.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import yaml
+
+from embedcore.data.errors import DataError
+from embedcore.retrieval import distributed as D
+from embedcore.retrieval.hard_negatives import MiningParams, mine_corpus
+
+log = logging.getLogger("embedcore.mine")
+
+
+@dataclass
+class MiningConfig:
+    model_name_or_path: str = ""
+    """Model folder (ours, a Hugging Face folder or a sentence-transformers folder) to embed with."""
+    train_qa_file_path: str = ""
+    """Input: corpus-ID JSON, or inline JSONL (then corpus_path names the corpus to mine)."""
+    train_file_output_path: str = ""
+    """Output corpus-ID JSON."""
+    corpus_path: Optional[str] = None
+    """For inline JSONL input: the corpus (directory with merlin_metadata.json, or a .parquet/.jsonl
+    table with id and text) that holds the positives and is mined for negatives."""
+    hard_negatives_to_mine: int = 20
+    """Negatives kept per query (fewer when too few candidates survive; counted in the summary)."""
+    hard_neg_margin: float = 0.95
+    """Margin of the false-negative filter (see hard_neg_margin_type)."""
+    hard_neg_margin_type: Literal["perc", "abs"] = "perc"
+    """perc: drop candidates scoring above margin * min positive score; abs: above min positive - margin."""
+    hard_neg_skip_top_k: int = 0
+    """Rank window: skip this many best surviving candidates before keeping hard_negatives_to_mine."""
+    mining_batch_size: int = 128
+    """Texts per encoding batch, and queries per scoring tile."""
+    scoring_corpus_block: int = 16384
+    """Corpus rows per scoring tile (a tile is mining_batch_size x scoring_corpus_block floats)."""
+    query_max_length: int = 512
+    """Queries are truncated to this many tokens."""
+    passage_max_length: int = 512
+    """Passages are truncated to this many tokens."""
+    query_prefix: Optional[str] = None
+    """Text before each query, joined with one space as in training (None: the model's own; "": none)."""
+    passage_prefix: Optional[str] = None
+    """Text before each passage, joined with one space (None: the model's own; "": none)."""
+    pooling: Optional[Literal["avg", "weighted_avg", "cls", "last"]] = None
+    """Override the model's pooling (None: the model folder's; avg for a bare HF folder)."""
+    l2_normalize: Optional[bool] = None
+    """Override the model's normalisation (None: the model folder's)."""
+    torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the model runs in (scores are accumulated in fp32)."""
+    pad_to_multiple_of: Optional[int] = None
+    """Pad token lengths to a multiple of this (8 helps tensor cores on GPU)."""
+    progress: Optional[bool] = None
+    """Progress bars (None: when stderr is a terminal)."""
+
+
+def _type_hints():
+    return typing.get_type_hints(MiningConfig)
+
+
+def load_mining_config(path: Optional[str], overrides: list[str]) -> MiningConfig:
+    """YAML file (a `mining:` section, optional) + `--mining.KEY VALUE` overrides -> MiningConfig."""
+    from embedcore.train.config import ConfigError, build_section, parse_override_value
+
+    data: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict) or set(data) - {"mining"}:
+            raise ConfigError(f"{path}: expected a single top-level section 'mining'")
+    section = dict(data.get("mining") or {})
+    hints = _type_hints()
+    i = 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"argument {arg!r}: expected --mining.KEY VALUE")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(overrides):
+                raise ConfigError(f"override {arg}: missing a value")
+            key, text = arg[2:], overrides[i + 1]
+            i += 2
+        name = key.split(".", 1)[1] if key.startswith("mining.") else None
+        if name not in hints:
+            raise ConfigError(f"{key}: unknown key (known: {', '.join('mining.' + n for n in hints)})")
+        section[name] = parse_override_value(text, hints[name])
+    cfg = build_section(MiningConfig, section, "mining")
+    for name in ("model_name_or_path", "train_qa_file_path", "train_file_output_path"):
+        if not getattr(cfg, name):
+            raise ConfigError(f"mining.{name} is required")
+    for name in ("hard_negatives_to_mine", "mining_batch_size", "scoring_corpus_block", "query_max_length",
+                 "passage_max_length"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"mining.{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.hard_neg_skip_top_k < 0:
+        raise ConfigError(f"mining.hard_neg_skip_top_k must be >= 0, got {cfg.hard_neg_skip_top_k}")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------
+# Input: one "job" per corpus: its doc ids and texts, and the rows (queries) that use it.
+# ------------------------------------------------------------------------------------------
+@dataclass
+class _Job:
+    corpus_id: str
+    doc_ids: list
+    texts: list
+    rows: list  # indices into the output rows
+    queries: list
+    positives: list  # per query: corpus indices
+    index: dict  # doc id -> corpus index
+
+
+def read_input(cfg: MiningConfig):
+    """(output document without rows' mining results, rows, jobs), checking everything on the way."""
+    from embedcore.data.formats import load_corpus, load_examples
+
+    path = cfg.train_qa_file_path
+    examples = load_examples([path])  # raises DataError naming file and line / data[i]
+    corpus_id_input = examples.examples[0].corpus_id is not None
+    if corpus_id_input:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        rows = [dict(r) for r in doc["data"]]
+        corpora = examples.corpora
+        here = os.path.dirname(os.path.abspath(path))
+        doc["corpus"] = [dict(c, path=os.path.realpath(os.path.join(here, c["path"]))) for c in doc["corpus"]]
+        positive_ids = []
+        for ex in examples.examples:
+            prefix = f"{ex.corpus_id}:"
+            positive_ids.append([p.uid[len(prefix):] for p in ex.positives])
+    else:
+        if not cfg.corpus_path:
+            raise DataError(f"{path}: inline JSONL input needs a corpus to mine: set mining.corpus_path "
+                            f"(a directory with merlin_metadata.json, or a .parquet/.jsonl table)", "missing_corpus")
+        try:
+            corpus = load_corpus(cfg.corpus_path)
+        except DataError as e:
+            raise DataError(f"mining.corpus_path: {e}", e.reason) from e
+        corpora = {corpus.corpus_id: corpus}
+        by_text = {}
+        for doc_id, text in corpus.docs.items():
+            by_text.setdefault(text, doc_id)
+        doc = {"corpus": [{"path": corpus.path}]}
+        rows, positive_ids = [], []
+        for ex in examples.examples:
+            ids = []
+            for k, p in enumerate(ex.positives):
+                if p.text not in by_text:
+                    raise DataError(f"{ex.source}: pos_doc[{k}] is not a document of corpus {corpus.corpus_id!r} "
+                                    f"({corpus.table}): {p.text!r:.80}", "unknown_doc_id")
+                ids.append(by_text[p.text])
+            positive_ids.append(ids)
+            rows.append({"question_id": ex.qid, "question": ex.query, "corpus_id": corpus.corpus_id})
+        for ex in examples.examples:
+            ex.corpus_id = corpus.corpus_id
+    for cid, corpus in corpora.items():
+        if len(corpus) == 0:
+            raise DataError(f"corpus {cid!r} ({corpus.table}) is empty: nothing to mine", "empty_corpus")
+    jobs = {}
+    for r, (ex, ids) in enumerate(zip(examples.examples, positive_ids)):
+        job = jobs.get(ex.corpus_id)
+        if job is None:
+            corpus = corpora[ex.corpus_id]
+            doc_ids = list(corpus.docs)
+            job = jobs[ex.corpus_id] = _Job(ex.corpus_id, doc_ids, [corpus.docs[d] for d in doc_ids], [], [], [],
+                                            {d: i for i, d in enumerate(doc_ids)})
+        job.rows.append(r)
+        job.queries.append(ex.query)
+        job.positives.append([job.index[d] for d in ids])
+    return doc, rows, list(jobs.values())
+
+
+# ------------------------------------------------------------------------------------------
+# Run, summarise, write.
+# ------------------------------------------------------------------------------------------
+def run_mining(cfg: MiningConfig) -> dict:
+    """Mine as configured; returns the output document (written by rank 0)."""
+    from embedcore.retrieval.model import RetrievalModel
+
+    t0 = time.perf_counter()
+    doc, rows, jobs = read_input(cfg)
+    model = RetrievalModel.load(cfg.model_name_or_path, dtype=cfg.torch_dtype, pooling=cfg.pooling,
+                                l2_normalize=cfg.l2_normalize, query_prefix=cfg.query_prefix,
+                                passage_prefix=cfg.passage_prefix, key="mining.model_name_or_path")
+    params = MiningParams(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(MiningParams)})
+    for job in jobs:
+        mined = mine_corpus(model, job.queries, job.positives, job.texts, params, desc=job.corpus_id)
+        for r, pos_rows, pos_scores, negs in zip(job.rows, job.positives, mined.positive_scores, mined.negatives):
+            rows[r]["corpus_id"] = job.corpus_id
+            rows[r]["pos_doc"] = [{"id": job.doc_ids[i], "score": s} for i, s in zip(pos_rows, pos_scores)]
+            rows[r]["neg_doc"] = [{"id": job.doc_ids[i], "score": s} for i, s in negs]
+    args = dataclasses.asdict(cfg)
+    args.update(resolved_query_prefix=model.query_prefix, resolved_passage_prefix=model.passage_prefix,
+                resolved_pooling=model.pooling, resolved_l2_normalize=model.l2_normalize, world_size=D.world_size())
+    summary = summarize(rows, cfg.hard_negatives_to_mine)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    doc["data"] = rows
+    doc["mining"] = {"args": args, "summary": summary}
+    if D.rank() == 0:
+        _write_json(cfg.train_file_output_path, doc)
+        print(format_summary(summary, cfg.train_file_output_path), file=sys.stderr)
+    return doc
+
+
+def summarize(rows: list, asked: int) -> dict:
+    """Score statistics and the queries that got fewer negatives than asked."""
+    pos = [d["score"] for r in rows for d in r["pos_doc"]]
+    neg = [d["score"] for r in rows for d in r["neg_doc"]]
+    short = [(str(r.get("question_id", i)), len(r["neg_doc"])) for i, r in enumerate(rows) if len(r["neg_doc"]) < asked]
+
+    def stats(xs):
+        if not xs:
+            return None
+        return {"count": len(xs), "mean": statistics.fmean(xs), "min": min(xs), "max": max(xs)}
+
+    return {
+        "queries": len(rows),
+        "negatives_asked": asked,
+        "positive_scores": stats(pos),
+        "negative_scores": stats(neg),
+        "queries_with_fewer_negatives": len(short),
+        "queries_with_no_negative": sum(1 for _, n in short if n == 0),
+        "fewer_negatives_examples": [{"question_id": q, "negatives": n} for q, n in short[:20]],
+    }
+
+
+def format_summary(s: dict, out: str) -> str:
+    def fmt(st):
+        return "none" if st is None else f"mean {st['mean']:.4f} min {st['min']:.4f} max {st['max']:.4f} (n={st['count']})"
+
+    lines = [f"mined {s['queries']} queries in {s['seconds']} s -> {out}",
+             f"  positive scores: {fmt(s['positive_scores'])}",
+             f"  negative scores: {fmt(s['negative_scores'])}"]
+    if s["queries_with_fewer_negatives"]:
+        ex = ", ".join(f"{e['question_id']} ({e['negatives']})" for e in s["fewer_negatives_examples"][:5])
+        lines.append(f"  {s['queries_with_fewer_negatives']} queries got fewer than {s['negatives_asked']} negatives "
+                     f"({s['queries_with_no_negative']} got none; too few candidates under the margin): {ex}")
+    else:
+        lines.append(f"  every query got {s['negatives_asked']} negatives")
+    return "\n".join(lines)
+
+
+def _write_json(path: str, doc: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, ensure_ascii=False, indent=1)
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """[config.yaml | --config config.yaml] followed by --mining.KEY VALUE pairs."""
+    config = None
+    rest = list(argv)
+    if rest and not rest[0].startswith("--"):
+        config = rest.pop(0)
+    if "--config" in rest:
+        i = rest.index("--config")
+        if i + 1 >= len(rest):
+            raise SystemExit("--config needs a path")
+        config = rest[i + 1]
+        del rest[i:i + 2]
+    return config, rest
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from embedcore.train.config import ConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        for f in dataclasses.fields(MiningConfig):
+            print(f"  --mining.{f.name} (default {f.default!r})")
+        return 0
+    started = D.init_from_env()
+    try:
+        config, overrides = parse_args(argv)
+        cfg = load_mining_config(config, overrides)
+        run_mining(cfg)
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
+        print(f"embedcore.mine: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        D.shutdown(started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
