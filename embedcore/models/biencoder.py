@@ -38,7 +38,8 @@ class Biencoder(nn.Module):
             raise ValueError(f"Biencoder: unknown pooling {pooling!r}; expected one of {MODES}")
         self.query_encoder = query_encoder
         if passage_encoder is not None and passage_encoder is not query_encoder:
-            self.add_module("passage_encoder", passage_encoder)
+            # straight into _modules: add_module refuses a name the class has a property for
+            self._modules["passage_encoder"] = passage_encoder
         self.pooling, self.l2_normalize, self.pooling_backend = pooling, bool(l2_normalize), pooling_backend
         self.info = dict(info or {})
         self.is_decoder = bool(self.info.get("is_decoder", False))
