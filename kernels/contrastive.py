@@ -36,8 +36,10 @@ def _acc(dtype):
 
 
 def _dot_upcast(t):
-    """Under TRITON_INTERPRET the interpreter's tl.dot misreads bf16 operands (stored as uint16),
-    so there the operands are upcast to the accumulation dtype first; on a GPU they stay narrow."""
+    """Under TRITON_INTERPRET the interpreter's tl.dot misreads bf16 operands (stored as uint16)
+    and its fp32 -> bf16 cast truncates instead of rounding to nearest; so there the operands are
+    upcast to the accumulation dtype before tl.dot and the gradients are written in fp32 and
+    rounded by torch. On a GPU the operands stay narrow and the kernels store the input dtype."""
     return t.device.type != "cuda" and t.dtype in (torch.bfloat16, torch.float16)
 
 
@@ -211,13 +213,17 @@ def contrastive_backward(q, p, positive_index, passage_ids, lse, scale, temperat
     scale = scale.to(device=q.device, dtype=lse.dtype).reshape(1)
     common = dict(HAS_IDS=has_ids, ACC=_acc(q.dtype), PRECISION=_precision(q.dtype), DOT_UPCAST=_dot_upcast(q),
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo, num_warps=warps)
+    grad_dtype = lse.dtype if _dot_upcast(q) else q.dtype
     dq = dp = None
     if need_q:
-        dq = torch.empty_like(q)
+        dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)
         _dq_kernel[(triton.cdiv(B, bm), triton.cdiv(D, bdo))](
             q, p, positive_index, ids, lse, scale, dq, B, P, D, 1.0 / temperature, **common)
     if need_p:
-        dp = torch.empty_like(p)
+        dp = torch.empty(p.shape, device=p.device, dtype=grad_dtype)
         _dp_kernel[(triton.cdiv(P, bn), triton.cdiv(D, bdo))](
             q, p, positive_index, ids, lse, scale, dp, B, P, D, 1.0 / temperature, **common)
+    if grad_dtype != q.dtype:
+        dq = None if dq is None else dq.to(q.dtype)
+        dp = None if dp is None else dp.to(p.dtype)
     return dq, dp
