@@ -47,7 +47,7 @@ def _keep(offs_m, offs_k, K, k1, k2, thr):
 
 @triton.jit(do_not_specialize=["k1", "k2", "thr"])
 def _fwd_kernel(x_ptr, w_ptr, b_ptr, a_ptr, bb_ptr, out_ptr, M, N, K, R, s_eff, k1, k2, thr,
-                HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -64,8 +64,10 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, a_ptr, bb_ptr, out_ptr, M, N, K, R, s_eff, 
         k_ok = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(x, wt, acc, input_precision=PRECISION)
         at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None], mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST:
+            x, wt, at = x.to(tl.float32), wt.to(tl.float32), at.to(tl.float32)
+        acc = tl.dot(x, wt, acc, input_precision=PRECISION)
         if DROPOUT:
             x = tl.where(_keep(offs_m, offs_k, K, k1, k2, thr), x, tl.zeros_like(x))
         xa = tl.dot(x, at, xa, input_precision=PRECISION)
@@ -79,7 +81,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, a_ptr, bb_ptr, out_ptr, M, N, K, R, s_eff, 
 
 @triton.jit(do_not_specialize=["k1", "k2", "thr"])
 def _rank_kernel(x_ptr, dy_ptr, a_ptr, bb_ptr, xa_ptr, g_ptr, M, N, K, R, s_eff, k1, k2, thr,
-                 DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                 DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     # xa = (mask * x) A^T and g = s' dy B for one M-block, both [BLOCK_M, r] fp32.
     pid_m = tl.program_id(0)
@@ -95,6 +97,8 @@ def _rank_kernel(x_ptr, dy_ptr, a_ptr, bb_ptr, xa_ptr, g_ptr, M, N, K, R, s_eff,
         if DROPOUT:
             x = tl.where(_keep(offs_m, offs_k, K, k1, k2, thr), x, tl.zeros_like(x))
         at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None], mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST:
+            x, at = x.to(tl.float32), at.to(tl.float32)
         xa = tl.dot(x, at, xa, input_precision=PRECISION)
     g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -102,6 +106,8 @@ def _rank_kernel(x_ptr, dy_ptr, a_ptr, bb_ptr, xa_ptr, g_ptr, M, N, K, R, s_eff,
         n_ok = offs_n < N
         dy = tl.load(dy_ptr + offs_m[:, None] * N + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         b = tl.load(bb_ptr + offs_n[:, None] * R + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        if UPCAST:
+            dy, b = dy.to(tl.float32), b.to(tl.float32)
         g = tl.dot(dy, b, g, input_precision=PRECISION)
     out_mask = m_ok[:, None] & r_ok[None, :]
     tl.store(xa_ptr + offs_m[:, None] * R + offs_r[None, :], xa, mask=out_mask)
@@ -110,7 +116,7 @@ def _rank_kernel(x_ptr, dy_ptr, a_ptr, bb_ptr, xa_ptr, g_ptr, M, N, K, R, s_eff,
 
 @triton.jit(do_not_specialize=["k1", "k2", "thr"])
 def _dx_kernel(dy_ptr, w_ptr, a_ptr, g_ptr, dx_ptr, M, N, K, R, k1, k2, thr,
-               DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+               DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     # dx tile = dy W (over all of `out`) + mask * (g A).
     pid_m = tl.program_id(0)
@@ -127,6 +133,8 @@ def _dx_kernel(dy_ptr, w_ptr, a_ptr, g_ptr, dx_ptr, M, N, K, R, k1, k2, thr,
         n_ok = offs_n < N
         dy = tl.load(dy_ptr + offs_m[:, None] * N + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            dy, w = dy.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(dy, w, acc, input_precision=PRECISION)
     g = tl.load(g_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
     a = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
@@ -176,6 +184,18 @@ def _precision(dtype):
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
+def _upcast(t):
+    """Under TRITON_INTERPRET the interpreter's tl.dot misreads bf16/fp16 operands (stored as
+    uint16) and its fp32 -> bf16 cast truncates instead of rounding; so there the operands are
+    upcast to fp32 before tl.dot and outputs are written in fp32 and rounded by torch. On a GPU
+    the operands stay narrow and the kernels store the input dtype."""
+    return t.device.type != "cuda" and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def _out_buffer(shape, like):
+    return torch.empty(shape, device=like.device, dtype=torch.float32 if _upcast(like) else like.dtype)
+
+
 def forward(x, weight, bias, lora_a, lora_b, s_eff, dropout_p, seed):
     """-> (out [M, out] in x's dtype, None): xa is recomputed in backward, never stored."""
     if x.dtype == torch.float64:
@@ -185,12 +205,12 @@ def forward(x, weight, bias, lora_a, lora_b, s_eff, dropout_p, seed):
     if R > 128:
         raise ValueError(f"lora_linear: the triton backend supports rank r <= 128, got {R}")
     dropout, k1, k2, thr = _mask_args(dropout_p, seed)
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    out = _out_buffer((M, N), x)
     blk = _blocks(R)
     grid = (triton.cdiv(M, blk["BLOCK_M"]), triton.cdiv(N, blk["BLOCK_N"]))
     _fwd_kernel[grid](x, weight, bias if bias is not None else x, lora_a, lora_b, out, M, N, K, R, s_eff, k1, k2, thr,
-                      HAS_BIAS=bias is not None, DROPOUT=dropout, PRECISION=_precision(x.dtype), **blk)
-    return out, None
+                      HAS_BIAS=bias is not None, DROPOUT=dropout, PRECISION=_precision(x.dtype), UPCAST=_upcast(x), **blk)
+    return out.to(x.dtype), None
 
 
 def backward(grad_out, x, weight, lora_a, lora_b, xa, s_eff, dropout_p, seed, need_dx):
@@ -203,12 +223,13 @@ def backward(grad_out, x, weight, lora_a, lora_b, xa, s_eff, dropout_p, seed, ne
     xa = torch.empty((M, R), device=x.device, dtype=torch.float32)
     g = torch.empty((M, R), device=x.device, dtype=torch.float32)
     _rank_kernel[(triton.cdiv(M, blk["BLOCK_M"]),)](x, grad_out, lora_a, lora_b, xa, g, M, N, K, R, s_eff, k1, k2, thr,
-                                                    DROPOUT=dropout, PRECISION=prec, **blk)
+                                                    DROPOUT=dropout, PRECISION=prec, UPCAST=_upcast(x), **blk)
     dx = None
     if need_dx:
-        dx = torch.empty_like(x)
+        dx = _out_buffer((M, K), x)
         grid = (triton.cdiv(M, blk["BLOCK_M"]), triton.cdiv(K, blk["BLOCK_K"]))
-        _dx_kernel[grid](grad_out, weight, lora_a, g, dx, M, N, K, R, k1, k2, thr, DROPOUT=dropout, PRECISION=prec, **blk)
+        _dx_kernel[grid](grad_out, weight, lora_a, g, dx, M, N, K, R, k1, k2, thr, DROPOUT=dropout, PRECISION=prec, UPCAST=_upcast(x), **blk)
+        dx = dx.to(x.dtype)
     red = dict(BLOCK_M=blk["BLOCK_M"] if triton_interpreted() else 32, BLOCK_L=blk["BLOCK_N"] if triton_interpreted() else 64,
                BLOCK_R=blk["BLOCK_R"])
     if not triton_interpreted():
