@@ -1,0 +1,62 @@
+"""The point of the blockwise loss: forward + backward never holds a [B, P] matrix.
+
+Measured in a fresh subprocess as the growth of peak RSS (ru_maxrss) across one forward +
+backward, after the imports, the inputs and a tiny warm-up call (which pays MKL's and OpenMP's
+one-time buffers) are already in the baseline. The same probe run on the torch reference must
+see at least one [B, P] fp32 matrix, so a broken probe cannot pass the test."""
+import json
+import subprocess
+import sys
+import textwrap
+
+B, P, D = 512, 16384, 64
+MATRIX_MIB = B * P * 4 / 2**20  # one [B, P] fp32 matrix: 32 MiB
+# What the cpp backend legitimately allocates: dp [P, D] and dq [B, D] in fp32 (4.1 MiB) plus
+# one 256 x 1024 fp32 score tile and its block buffers (about 1.3 MiB). The margin: the growth
+# must stay under a quarter of one [B, P] matrix (8 MiB), i.e. a single stray B x P tensor, or
+# even a B x P/4 one, fails.
+CPP_LIMIT_MIB = MATRIX_MIB / 4
+
+_SCRIPT = """
+import gc, json, resource
+import torch
+from embedcore.ops.contrastive import contrastive_loss
+
+def case(b, p, d):
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=-1).requires_grad_()
+    ps = torch.nn.functional.normalize(torch.randn(p, d, generator=g), dim=-1).requires_grad_()
+    return q, ps
+
+warm_q, warm_p = case(8, 32, {D})
+contrastive_loss(warm_q, warm_p, 0.02, backend={backend!r}).backward()
+q, ps = case({B}, {P}, {D})
+gc.collect()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+loss = contrastive_loss(q, ps, 0.02, backend={backend!r})
+loss.backward()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert torch.isfinite(loss) and q.grad is not None and ps.grad is not None
+print(json.dumps({{"growth_mib": (after - before) / 1024}}))
+"""
+
+
+def _peak_growth_mib(backend: str) -> float:
+    code = textwrap.dedent(_SCRIPT.format(B=B, P=P, D=D, backend=backend))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"memory subprocess ({backend}) failed:\n{out.stderr[-3000:]}"
+    return json.loads(out.stdout.strip().splitlines()[-1])["growth_mib"]
+
+
+def test_cpp_forward_backward_never_holds_a_score_matrix():
+    growth = _peak_growth_mib("cpp")
+    assert growth < CPP_LIMIT_MIB, (
+        f"cpp fwd+bwd at B={B}, P={P}, D={D} grew peak RSS by {growth:.1f} MiB; limit {CPP_LIMIT_MIB:.0f} MiB "
+        f"(a quarter of one B x P fp32 matrix, {MATRIX_MIB:.0f} MiB)"
+    )
+
+
+def test_probe_sees_the_reference_matrix():
+    """The torch reference materialises [B, P] scores (and their gradient): the probe must see them."""
+    growth = _peak_growth_mib("torch")
+    assert growth >= MATRIX_MIB, f"reference grew peak RSS by only {growth:.1f} MiB (< {MATRIX_MIB:.0f} MiB): the probe is blind"
