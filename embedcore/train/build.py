@@ -1,0 +1,148 @@
+"""Build the run's pieces from the config: model, tokenizer, datasets, loaders, LoRA.
+
+The `_target_` values of the config name the reference system's classes; they were checked
+by config.validate and map to the embedcore pieces built here (no dynamic import).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch.utils.data import DataLoader
+
+from embedcore.train.config import DataLoaderConfig, ModelConfig, TrainConfig
+from embedcore.train.distributed import DistInfo, barrier
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype(cfg: ModelConfig, device: torch.device, notice=log.warning) -> torch.dtype:
+    """The dtype of the forward pass (master weights stay fp32)."""
+    if cfg.torch_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = DTYPES[cfg.torch_dtype]
+    if dtype == torch.float16 and device.type != "cuda":
+        notice("model.torch_dtype: float16 needs CUDA; computing in bfloat16 on CPU")
+        return torch.bfloat16
+    return dtype
+
+
+def gpu_only_notices(cfg: TrainConfig, device: torch.device, notice=log.warning) -> None:
+    """One line per GPU-only setting that has no effect here."""
+    if device.type != "cuda":
+        if cfg.model.use_liger_kernel:
+            notice("model.use_liger_kernel: Liger kernels are CUDA-only; embedcore's fused CPU ops are used instead")
+        if cfg.model.use_sdpa_patching:
+            notice("model.use_sdpa_patching: a CUDA attention patch; transformers' SDPA attention runs as it is")
+    elif cfg.model.use_liger_kernel:
+        notice("model.use_liger_kernel: embedcore's own fused ops (pool_l2, contrastive_loss, lora_linear) "
+               "replace Liger kernels")
+
+
+def maybe_build_tiny_model(cfg: TrainConfig, info: DistInfo) -> None:
+    """Quickstart path: make a tiny Llama (and its tokenizer) in the model folder when it is missing."""
+    tiny = cfg.model.build_tiny_if_missing
+    path = cfg.model.pretrained_model_name_or_path
+    if tiny is None or os.path.isdir(path):
+        return
+    if info.is_main:
+        from embedcore.data.formats import load_examples
+        from embedcore.models.tiny import make_tiny_llama
+
+        files = tiny.corpus_files or cfg.dataloader.dataset.data_dir_list
+        examples = load_examples(files, skip_bad=True)
+        texts = []
+        for ex in examples:
+            texts.append(ex.query)
+            texts.extend(p.text for p in ex.positives)
+            texts.extend(p.text for p in ex.negatives)
+        log.info("model.build_tiny_if_missing: building a tiny Llama in %s (tokenizer trained on %d texts)",
+                 path, len(texts))
+        make_tiny_llama(path, texts, seed=cfg.seed, **tiny.options)
+    barrier(info)
+
+
+def build_model(cfg: TrainConfig):
+    """The Biencoder in fp32 (master weights), from a local folder."""
+    from embedcore.models.biencoder import Biencoder
+
+    m = cfg.model
+    return Biencoder.from_pretrained(m.pretrained_model_name_or_path, share_encoder=m.share_encoder,
+                                     pooling=m.pooling, l2_normalize=m.l2_normalize, torch_dtype=torch.float32)
+
+
+def build_tokenizer(cfg: TrainConfig, model):
+    """The tokenizer of the model folder (or tokenizer.pretrained_model_name_or_path), with the
+    model's padding side (left for decoders) and a pad token (EOS when missing)."""
+    from embedcore.models.backbone import load_tokenizer
+
+    path = cfg.tokenizer.pretrained_model_name_or_path or cfg.model.pretrained_model_name_or_path
+    return load_tokenizer(path, padding_side=model.padding_side)
+
+
+def apply_peft(cfg: TrainConfig, model) -> dict:
+    """LoRA on the target modules of every encoder; everything else frozen. Returns apply_lora's summary."""
+    from embedcore.lora.apply import apply_lora
+
+    p = cfg.peft
+    summary = apply_lora(model, target_modules=list(p.target_modules), r=p.dim, alpha=p.alpha, dropout=p.dropout)
+    return summary
+
+
+def build_dataset(cfg: TrainConfig, dl: DataLoaderConfig, train: bool):
+    """RetrievalDataset of the section's files. Training groups: 1 positive + train_n_passages-1
+    negatives, drawn per epoch (do_shuffle true) or the reference's fixed choice (do_shuffle false);
+    validation groups: 1 positive + eval_negative_size negatives in file order."""
+    from embedcore.data.dataset import RetrievalDataset
+    from embedcore.data.formats import load_examples
+
+    ds = dl.dataset
+    examples = load_examples(list(ds.data_dir_list), skip_bad=ds.skip_bad_examples)
+    seed = cfg.seed if ds.seed is None else ds.seed
+    if train and ds.do_shuffle:
+        dataset = RetrievalDataset(examples, n_passages=cfg.train_n_passages, seed=seed, train=True)
+    elif train:  # the reference's choice: first positive, first negatives cyclically
+        dataset = RetrievalDataset(examples, n_passages=cfg.train_n_passages, seed=seed, train=False,
+                                   eval_negative_size=cfg.train_n_passages - 1)
+    else:
+        dataset = RetrievalDataset(examples, n_passages=cfg.train_n_passages, seed=seed, train=False,
+                                   eval_negative_size=cfg.eval_negative_size)
+    log.info("%s: %s", "dataloader" if train else "validation_dataloader", dataset.summary())
+    return dataset
+
+
+def build_collator(dl: DataLoaderConfig, tokenizer):
+    from embedcore.data.collator import BiencoderCollator
+
+    c = dl.collate_fn
+    return BiencoderCollator(tokenizer, q_max_len=c.q_max_len, p_max_len=c.p_max_len, query_prefix=c.query_prefix,
+                             passage_prefix=c.passage_prefix, pad_to_multiple_of=c.pad_to_multiple_of)
+
+
+def build_train_loader(cfg: TrainConfig, dataset, collator, info: DistInfo):
+    """(DataLoader, ResumableSampler): rank r takes its contiguous chunk of every global batch of
+    local_batch_size x world examples, so the split does not change the global batches."""
+    from embedcore.data.sampler import ResumableSampler
+
+    dl, L = cfg.dataloader, cfg.step_scheduler.local_batch_size
+    if dl.batch_size is not None and dl.batch_size != L:
+        raise ValueError(f"dataloader.batch_size: {dl.batch_size} differs from step_scheduler.local_batch_size {L}; "
+                         f"the training batch per rank is step_scheduler.local_batch_size (drop dataloader.batch_size)")
+    seed = cfg.seed if dl.dataset.seed is None else dl.dataset.seed
+    sampler = ResumableSampler(len(dataset), num_replicas=info.world_size, rank=info.rank, shuffle=dl.shuffle,
+                               seed=seed, drop_last=True, global_batch_size=L * info.world_size)
+    # A private generator: creating an iterator then draws its worker seed from it, not from the
+    # global RNG (whose state is checkpointed for dropout and must not depend on when iterators start).
+    loader = DataLoader(dataset, batch_size=L, sampler=sampler, collate_fn=collator, num_workers=dl.num_workers,
+                        pin_memory=dl.pin_memory and info.device.type == "cuda", drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
+    return loader, sampler
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -1,0 +1,282 @@
+"""The training run: build, (resume), step, validate, checkpoint, export.
+
+One optimizer step = `accum` micro-batches of local_batch_size queries on every rank, where
+accum = global_batch_size / (local_batch_size x world). In each micro-batch every passage of
+every rank is a candidate for every query (gathered with gradients flowing back to their
+owners), copies of a query's positive are masked by passage id. Device values (loss, grad norm,
+token counts, a non-finite flag) stay on the device and are read on log steps only.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from embedcore.train import build
+from embedcore.train.checkpoint import latest_folder, load_checkpoint, resolve_restore, save_checkpoint
+from embedcore.train.config import TrainConfig, to_dict
+from embedcore.train.distributed import DistInfo, all_reduce_sum, destroy_distributed, init_distributed, shard_model
+from embedcore.train.export import export_final
+from embedcore.train.logging import ProgressBar, RunLogger, peak_memory_gib, setup_logging
+from embedcore.train.losses import colbert_train_loss, pooled_train_loss
+from embedcore.train.optim import WarmupDecaySchedule, build_optimizer
+from embedcore.train.validation import run_validation
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the run stopped without saving the bad weights."""
+
+
+@dataclass
+class RunResult:
+    """What a finished run leaves behind."""
+    step: int
+    checkpoint: str | None
+    export: dict = field(default_factory=dict)
+    validations: list = field(default_factory=list)
+    last_loss: float = float("nan")
+
+
+def steps_per_epoch(n_examples: int, local: int, world: int, accum: int) -> int:
+    """Optimizer steps in one epoch (incomplete global batches are dropped)."""
+    return (n_examples // (local * world)) // accum
+
+
+def accumulation_steps(cfg: TrainConfig, world: int) -> int:
+    s = cfg.step_scheduler
+    per_pass = s.local_batch_size * world
+    if s.global_batch_size % per_pass:
+        raise ValueError(
+            f"step_scheduler.global_batch_size: {s.global_batch_size} is not a multiple of local_batch_size "
+            f"{s.local_batch_size} x {world} rank(s) = {per_pass}"
+        )
+    return s.global_batch_size // per_pass
+
+
+class Trainer:
+    """Holds the run's state; `run()` trains to the end and returns a RunResult."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        s = cfg.step_scheduler
+        build.gpu_only_notices(cfg, info.device, self.notice)
+        self.dtype = build.compute_dtype(cfg.model, info.device, self.notice)
+        torch.manual_seed(cfg.seed)  # same on every rank: identical LoRA init before sharding
+        random.seed(cfg.seed)
+        build.maybe_build_tiny_model(cfg, info)
+        self.model = build.build_model(cfg)
+        self.tokenizer = build.build_tokenizer(cfg, self.model)
+        self.lora = None
+        if cfg.peft is not None:
+            self.lora = build.apply_peft(cfg, self.model)
+        self.model.to(info.device)
+        self.sharded = info.world_size > 1 and cfg.distributed.strategy == "fsdp2"
+        if self.sharded:
+            shard_model(self.model, self.model.transformer_blocks(), info, self.dtype)
+        # FSDP mixed precision casts on CUDA; otherwise autocast gives the low-precision forward.
+        use_autocast = self.dtype != torch.float32 and not (self.sharded and info.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(info.device.type, dtype=self.dtype)) if use_autocast \
+            else contextlib.nullcontext
+
+        self.train_set = build.build_dataset(cfg, cfg.dataloader, train=True)
+        self.collator = build.build_collator(cfg.dataloader, self.tokenizer)
+        self.loader, self.sampler = build.build_train_loader(cfg, self.train_set, self.collator, info)
+        self.accum = accumulation_steps(cfg, info.world_size)
+        self.steps_per_epoch = steps_per_epoch(len(self.train_set), s.local_batch_size, info.world_size, self.accum)
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"step_scheduler.global_batch_size: {s.global_batch_size} is larger than the training set "
+                f"({len(self.train_set)} examples after skipping): not one optimizer step per epoch"
+            )
+        self.total_steps = self.steps_per_epoch * s.num_epochs
+        if s.max_steps is not None:  # whichever ends first: max_steps or num_epochs
+            self.total_steps = min(self.total_steps, s.max_steps)
+        self.val_set = self.val_collator = None
+        if cfg.validation_dataloader is not None:
+            self.val_set = build.build_dataset(cfg, cfg.validation_dataloader, train=False)
+            self.val_collator = build.build_collator(cfg.validation_dataloader, self.tokenizer)
+            self.val_batch = cfg.validation_dataloader.batch_size or s.local_batch_size
+
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, info.device, self.notice)
+        self.scheduler = WarmupDecaySchedule(self.optimizer, cfg.lr_scheduler, cfg.optimizer.lr, self.total_steps)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.ckpt_dir = cfg.checkpoint.checkpoint_dir
+        self.logger = RunLogger(self.ckpt_dir, info.is_main)
+        self.step, self.epoch, self.batches_in_epoch, self.iter_batches = 0, 0, 0, 0
+        self._sampler_state = None
+        restore = resolve_restore(cfg.checkpoint.restore_from, self.ckpt_dir)
+        if restore is not None:
+            self._resume(restore)
+        else:
+            self.logger.reset()
+        # Device-side bookkeeping, read on log steps only (no host sync per step).
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=info.device)
+        self.interval_tokens = torch.zeros((), dtype=torch.float64, device=info.device)
+
+    # ------------------------------------------------------------------ helpers
+    def notice(self, msg: str) -> None:
+        if self.info.is_main:
+            log.warning(msg)
+
+    def _resume(self, folder: str) -> None:
+        state = load_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.info)
+        if state["global_batch_size"] != self.cfg.step_scheduler.global_batch_size:
+            raise ValueError(f"checkpoint {folder}: global_batch_size {state['global_batch_size']} differs from "
+                             f"step_scheduler.global_batch_size {self.cfg.step_scheduler.global_batch_size}")
+        self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+        self._sampler_state = state["sampler"]
+        self.logger.truncate_after(self.step)
+        if self.info.is_main:
+            log.info("resumed from %s at step %d (epoch %d)", folder, self.step, self.epoch)
+
+    def _train_state(self) -> dict:
+        L = self.cfg.step_scheduler.local_batch_size
+        # At an epoch boundary the next epoch starts from its beginning: no sampler position to keep.
+        sampler = None if self.batches_in_epoch == 0 else self.sampler.state_dict(consumed=self.iter_batches * L)
+        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "sampler": sampler,
+                "global_batch_size": self.cfg.step_scheduler.global_batch_size, "config": to_dict(self.cfg)}
+
+    def _check_finite(self) -> None:
+        bad = int(self.first_bad_step.item())
+        if bad >= 0:
+            last = latest_folder(self.ckpt_dir) if self.cfg.checkpoint.enabled else None
+            where = f"the last good checkpoint is {last} (resume with checkpoint.restore_from: LATEST, " \
+                    f"perhaps with a lower optimizer.lr)" if last else "no checkpoint was saved before it"
+            raise TrainingDiverged(f"training stopped: the loss became NaN or inf at step {bad}; {where}")
+
+    def _micro_step(self, batch: dict) -> torch.Tensor:
+        cfg, info = self.cfg, self.info
+        with self.autocast():
+            q = self.model.encode(batch["q_input_ids"], batch["q_attention_mask"], "query")
+            p = self.model.encode(batch["p_input_ids"], batch["p_attention_mask"], "passage")
+        if self.model.pooling == "colbert":
+            loss = colbert_train_loss(q, batch["q_attention_mask"], p, batch["p_attention_mask"],
+                                      batch.get("passage_ids"), cfg.temperature, info)
+        else:
+            loss = pooled_train_loss(q, p, batch.get("passage_ids"), cfg.temperature, info)
+        (loss / self.accum).backward()
+        self.interval_tokens += batch["q_attention_mask"].sum() + batch["p_attention_mask"].sum()
+        return loss.detach()
+
+    def _clip(self) -> torch.Tensor:
+        max_norm = self.cfg.optimizer.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm if max_norm is not None else math.inf)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def _validate(self) -> dict | None:
+        if self.val_set is None:
+            return None
+        self._check_finite()
+        m = run_validation(self.model, self.val_set, self.val_collator, self.val_batch, self.cfg.temperature,
+                           self.info, self.autocast)
+        record = {"step": self.step, "epoch": self.epoch, **m}
+        self.logger.validation(record)
+        return record
+
+    def _save(self) -> str | None:
+        if not self.cfg.checkpoint.enabled:
+            return None
+        self._check_finite()  # never save weights that went through a NaN/inf step
+        return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
+                               self._train_state(), self.info, trainable_only=self.lora is not None)
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> RunResult:
+        cfg, info, s = self.cfg, self.info, self.cfg.step_scheduler
+        result = RunResult(step=self.step, checkpoint=None)
+        if info.is_main:
+            log.info("training: %d step(s) (%d per epoch), %d rank(s), global batch %d = %d local x %d accumulation "
+                     "x %d rank(s), device %s, compute dtype %s", self.total_steps, self.steps_per_epoch,
+                     info.world_size, s.global_batch_size, s.local_batch_size, self.accum, info.world_size,
+                     info.device, str(self.dtype).replace("torch.", ""))
+        if s.val_at_start and self.step == 0 and self.val_set is not None:
+            result.validations.append(self._validate())
+        bar = ProgressBar(self.total_steps, self.step, info.is_main)
+        self.model.train()
+        last_saved = last_validated = self.step
+        t0, steps_in_interval = time.perf_counter(), 0
+        loss = torch.zeros((), device=info.device)
+        while self.step < self.total_steps:
+            if self.batches_in_epoch == 0 or self._sampler_state is not None:
+                self.sampler.set_epoch(self.epoch)
+                self.train_set.set_epoch(self.epoch)
+                if self._sampler_state is not None:
+                    self.sampler.load_state_dict(self._sampler_state)
+                    self._sampler_state = None
+                batches = iter(self.loader)
+                self.iter_batches = 0  # batches taken from this iterator (workers may prefetch more)
+            micro = []
+            for _ in range(self.accum):
+                micro.append(build.batch_to_device(next(batches), info.device))
+                self.batches_in_epoch += 1
+                self.iter_batches += 1
+            loss = torch.stack([self._micro_step(b) for b in micro]).mean()
+            grad_norm = self._clip()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            lr = self.scheduler.current_lr
+            self.scheduler.step()
+            bad = ~torch.isfinite(loss)
+            self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), torch.full_like(self.first_bad_step,
+                                              self.step + 1), self.first_bad_step)
+            self.step += 1
+            steps_in_interval += 1
+            bar.update()
+            epoch_of_step = self.epoch
+            if self.step % self.steps_per_epoch == 0 and self.step < self.total_steps:
+                self.epoch, self.batches_in_epoch = self.epoch + 1, 0  # the rest of the epoch (< accum batches) is dropped
+            if self.step % s.log_every_steps == 0 or self.step == self.total_steps:
+                result.last_loss = self._log(loss, grad_norm, lr, epoch_of_step, t0, steps_in_interval)
+                self._check_finite()
+                t0, steps_in_interval = time.perf_counter(), 0
+            if s.val_every_steps and self.step % s.val_every_steps == 0:
+                result.validations.append(self._validate())
+                last_validated = self.step
+            if s.ckpt_every_steps and self.step % s.ckpt_every_steps == 0:
+                result.checkpoint = self._save()
+                last_saved = self.step
+        bar.close()
+        self._check_finite()
+        if self.val_set is not None and last_validated != self.step:
+            result.validations.append(self._validate())
+        if cfg.checkpoint.enabled:
+            if last_saved != self.step or result.checkpoint is None:
+                result.checkpoint = self._save() if last_saved != self.step else latest_folder(self.ckpt_dir)
+            result.export = export_final(self, result.checkpoint)
+        result.step = self.step
+        return result
+
+    def _log(self, loss, grad_norm, lr, epoch, t0, steps) -> float:
+        stats = torch.stack([loss.double(), grad_norm.double().to(loss.device), self.interval_tokens.to(loss.device)])
+        all_reduce_sum(stats, self.info)
+        loss_v, norm_v, tokens = stats.tolist()
+        loss_v /= self.info.world_size
+        norm_v /= self.info.world_size  # the same global norm on every rank
+        elapsed = time.perf_counter() - t0
+        self.interval_tokens.zero_()
+        record = {"step": self.step, "epoch": epoch, "loss": loss_v, "grad_norm": norm_v, "lr": lr,
+                  "mem_gib": peak_memory_gib(self.info.device), "time_s": elapsed / max(steps, 1),
+                  "tokens_per_s": tokens / max(elapsed, 1e-9)}
+        self.logger.train(record)
+        return loss_v
+
+
+def train(cfg: TrainConfig) -> RunResult:
+    """Run training as configured (under torchrun or in a single process)."""
+    info = init_distributed(cfg.dist_env.backend, cfg.dist_env.timeout_minutes)
+    setup_logging(info.is_main)
+    try:
+        return Trainer(cfg, info).run()
+    finally:
+        destroy_distributed(info)
+
+
+__all__ = ["train", "Trainer", "RunResult", "TrainingDiverged", "accumulation_steps", "steps_per_epoch"]
