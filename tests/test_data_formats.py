@@ -260,3 +260,31 @@ def test_json_variants(tmp_path):
     lst.write_text("[1, 2]")
     with pytest.raises(DataError, match="got a JSON list"):
         load_examples([str(lst)])
+
+
+EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def test_shipped_stdlib_data_loads():
+    train = load_examples([os.path.join(EXAMPLES_DIR, "data", "stdlib_train.jsonl")])
+    val = load_examples([os.path.join(EXAMPLES_DIR, "data", "stdlib_val.jsonl")])
+    assert len(train) == 1500 and len(val) == 200 and train.skipped == {} and val.skipped == {}
+    assert all(len(e.negatives) >= 3 for e in [*train, *val])
+    assert not {e.qid for e in train} & {e.qid for e in val}
+    assert not {e.positives[0].uid for e in train} & {e.positives[0].uid for e in val}
+
+
+def test_docstring_generator_is_deterministic(tmp_path):
+    import sys
+    sys.path.insert(0, EXAMPLES_DIR)
+    try:
+        import make_docstring_data
+    finally:
+        sys.path.remove(EXAMPLES_DIR)
+    for out in ("a", "b"):
+        make_docstring_data.main(["--out", str(tmp_path / out), "--train", "40", "--val", "10", "--seed", "3"])
+    for name in ("stdlib_train.jsonl", "stdlib_val.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    es = load_examples([str(tmp_path / "a" / "stdlib_train.jsonl")])
+    assert len(es) == 40 and all(len(e.negatives) == 3 for e in es)
+    assert all(e.positives[0].text.startswith(e.qid.removeprefix("stdlib:") + ": ") for e in es)

@@ -235,3 +235,15 @@ def test_state_mismatch_and_consumed_override():
     s2.load_state_dict(s.state_dict(consumed=4))
     assert s2.state_dict()["position"] == 4  # still pending: the state round-trips before iterating
     assert list(s2) == list(s.global_order())[4:20]
+
+
+def test_real_entries_of_padded_batches():
+    n, G, R = 11, 4, 2  # 3 global batches = 12 positions, the last one is padding
+    counts = []
+    for r in range(R):
+        s = ResumableSampler(n, num_replicas=R, rank=r, shuffle=False, drop_last=False, global_batch_size=G)
+        batches = [b.tolist() for b in DataLoader(list(range(n)), batch_size=2, sampler=s)]
+        counts.append([s.real_in_local_batch(k) for k in range(len(batches))])
+        real = [i for k, b in enumerate(batches) for i in b[: counts[r][k]]]
+        assert len(set(real)) == len(real)
+    assert counts == [[2, 2, 2], [2, 2, 1]]

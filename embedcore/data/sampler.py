@@ -99,6 +99,13 @@ class ResumableSampler(Sampler):
             order += order[: total - len(order)]
         return order[:total]
 
+    def real_in_local_batch(self, k: int) -> int:
+        """How many leading entries of this rank's k-th local batch of an epoch are real (the rest
+        are wrap-around padding, drop_last=False only). For exact validation metrics: count only
+        those, so that every example is counted once while all ranks still run the same steps."""
+        start = k * self.global_batch_size + self.rank * self.local_batch_size
+        return max(0, min(self.local_batch_size, self.length - start))
+
     def __iter__(self):
         order = self.global_order()
         G, L = self.global_batch_size, self.local_batch_size
