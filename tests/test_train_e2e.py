@@ -1,0 +1,174 @@
+"""The trainer end to end in one process (tiny Llama, a handful of steps), plus its pieces:
+schedule, MaxSim, masked cross-entropy, the CLI's error path, NaN handling."""
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+import yaml
+
+from train_fixture import base_config, make_model, write_dataset
+
+from embedcore.train import loop as loop_mod
+from embedcore.train.config import LRSchedulerConfig, config_from_dict
+from embedcore.train.losses import masked_cross_entropy, maxsim_scores
+from embedcore.train.optim import WarmupDecaySchedule
+
+TRAIN_LINE = re.compile(r"^step \d+ \| epoch \d+ \| loss \d+\.\d{4} \| grad_norm \d+\.\d{4} \| lr \d\.\d{2}e[-+]\d{2} \| "
+                        r"mem \d+\.\d{2} GiB \| time \d+\.\d{2}s \| tokens/s \d+$")
+VAL_LINE = re.compile(r"^step \d+ \| epoch \d+ \| val_loss \d+\.\d{4} \| val_acc1 \d\.\d{4} \| val_mrr \d\.\d{4}$")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    model = make_model(str(root / "model"))
+    train = write_dataset(str(root / "train.jsonl"), 24)
+    val = write_dataset(str(root / "val.jsonl"), 7, seed=1)
+    return root, model, train, val
+
+
+def test_schedule_warmup_then_cosine_decay():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupDecaySchedule(opt, LRSchedulerConfig(lr_warmup_steps=4, lr_decay_style="cosine", min_lr=0.1), 2.0, 14)
+    lrs = [sched.lr_at(s) for s in range(14)]
+    assert lrs[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert lrs[4] == pytest.approx(2.0) and lrs[-1] > 0.1 and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert sched.lr_at(14) == pytest.approx(0.1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
+    other = WarmupDecaySchedule(opt, LRSchedulerConfig(lr_warmup_steps=4), 2.0, 14)
+    other.load_state_dict(sched.state_dict())
+    assert other.current_lr == sched.current_lr
+
+
+def test_masked_cross_entropy_equals_contrastive_loss():
+    from embedcore.ops.contrastive import contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    p = torch.nn.functional.normalize(torch.randn(9, 8, generator=g), dim=-1)
+    ids = torch.tensor([0, 1, 2, 3, 0, 5, 6, 7, 8])  # a copy of query 0's positive at column 4
+    pos = torch.tensor([0, 3, 6])
+    want, want_ranks = contrastive_loss(q, p, 0.1, positive_index=pos, passage_ids=ids, return_ranks=True,
+                                        backend="torch")
+    got, ranks = masked_cross_entropy(q @ p.T / 0.1, pos, ids, return_ranks=True)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(ranks, want_ranks)
+
+
+def test_maxsim_is_sum_over_query_tokens_of_max_over_passage_tokens():
+    g = torch.Generator().manual_seed(1)
+    q, p = torch.randn(2, 5, 4, generator=g), torch.randn(3, 7, 4, generator=g)
+    qm = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+    pm = torch.tensor([[1] * 7, [1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1]])
+    want = torch.zeros(2, 3)
+    for b in range(2):
+        for j in range(3):
+            for i in range(5):
+                if qm[b, i]:
+                    want[b, j] += max(float(q[b, i] @ p[j, t]) for t in range(7) if pm[j, t])
+    torch.testing.assert_close(maxsim_scores(q, qm, p, pm, chunk=2), want)
+
+
+def test_cli_reports_config_errors_naming_the_key(tmp_path, capsys):
+    from embedcore.train.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"pretrained_model_name_or_path": "m"},
+                                    "dataloader": {"dataset": {"data_dir_list": ["a"]}}}))
+    assert main([str(path), "--optimizer.learning_rate", "1"]) == 2
+    assert "optimizer.learning_rate" in capsys.readouterr().err
+
+
+def test_global_batch_must_divide(setup):
+    root, model, train, _ = setup
+    cfg = config_from_dict(base_config(model, train, None, str(root / "x"), global_batch_size=6, local_batch_size=4))
+    with pytest.raises(ValueError, match="global_batch_size"):
+        loop_mod.accumulation_steps(cfg, 1)
+    assert loop_mod.steps_per_epoch(24, 2, 1, 2) == 6 and loop_mod.steps_per_epoch(25, 2, 2, 2) == 3
+
+
+def _records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.slow
+def test_few_steps_log_checkpoint_and_export(setup, caplog):
+    root, model, train, val = setup
+    ckpt = str(root / "run_a")
+    data = base_config(model, train, val, ckpt, max_steps=4, val_every_steps=2, ckpt_every_steps=2)
+    data["checkpoint"]["save_consolidated"] = True
+    caplog.set_level("INFO")
+    result = loop_mod.train(config_from_dict(data))
+    assert result.step == 4
+    lines = [r.getMessage() for r in caplog.records if r.name == "root"]
+    assert sum(bool(TRAIN_LINE.match(m)) for m in lines) == 4, lines
+    assert sum(bool(VAL_LINE.match(m)) for m in lines) == 2, lines
+    recs = _records(os.path.join(ckpt, "training.jsonl"))
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["lr"] > 0 for r in recs)
+    vals = _records(os.path.join(ckpt, "validation.jsonl"))
+    assert [v["step"] for v in vals] == [2, 4] and all(v["val_queries"] == 7 for v in vals)
+    assert all(0 < v["val_mrr"] <= 1 and 0 <= v["val_acc1"] <= 1 for v in vals)
+    assert open(os.path.join(ckpt, "LATEST")).read().strip() == "step_4"
+    assert sorted(d for d in os.listdir(ckpt) if d.startswith(("step_", ".tmp"))) == ["step_2", "step_4"]
+    state = json.load(open(os.path.join(ckpt, "step_4", "state.json")))
+    assert state["step"] == 4 and state["scheduler"]["step_count"] == 4
+    # the export loads in sentence-transformers and embeds like our model
+    from sentence_transformers import SentenceTransformer
+
+    from embedcore.models.biencoder import Biencoder
+    from embedcore.models.backbone import load_tokenizer
+
+    folder = result.export["consolidated"]
+    st = SentenceTransformer(folder, device="cpu")
+    texts = ["open a file path", "sine cosine and square root of an integer number"]
+    ours = Biencoder.from_pretrained(folder)
+    tok = load_tokenizer(folder, padding_side=ours.padding_side)
+    from embedcore.data.collator import encode_texts
+
+    enc = encode_texts(tok, texts, 16, "passage:")
+    with torch.no_grad():
+        want = ours.encode(enc["input_ids"], enc["attention_mask"], "passage")
+    got = torch.as_tensor(st.encode(texts, prompt_name="document", convert_to_tensor=True))
+    cos = torch.nn.functional.cosine_similarity(got.float(), want.float(), dim=-1)
+    assert (cos >= 0.9999).all(), cos
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, monkeypatch):
+    root, model, train, _ = setup
+    ckpt = str(root / "run_nan")
+    calls = {"n": 0}
+    real = loop_mod.pooled_train_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 4 else loss  # step 3 (2 micro-batches per step)
+
+    monkeypatch.setattr(loop_mod, "pooled_train_loss", poisoned)
+    data = base_config(model, train, None, ckpt, max_steps=6, ckpt_every_steps=2, log_every_steps=3)
+    with pytest.raises(loop_mod.TrainingDiverged, match=r"NaN or inf at step 3.*step_2"):
+        loop_mod.train(config_from_dict(data))
+    assert open(os.path.join(ckpt, "LATEST")).read().strip() == "step_2"
+    assert not os.path.exists(os.path.join(ckpt, "step_4"))
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(ckpt, "step_2", "model", "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+@pytest.mark.slow
+def test_colbert_trains_with_maxsim(setup):
+    root, model, train, val = setup
+    data = base_config(model, train, val, str(root / "run_colbert"), max_steps=2, val_every_steps=2)
+    data["model"]["pooling"] = "colbert"
+    result = loop_mod.train(config_from_dict(data))
+    assert result.step == 2 and math.isfinite(result.last_loss)
+    assert 0 < result.validations[-1]["val_mrr"] <= 1
