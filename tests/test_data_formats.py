@@ -56,7 +56,7 @@ def test_inline_jsonl_all_value_shapes(tmp_path):
     assert e1.query == "What is Python?" and e1.qid == "17" and [x.text for x in e1.negatives] == ["A snake."]
     assert e2.qid == "q9" and e2.positives[0].text == "P as dict" and [x.text for x in e2.negatives] == ["N1", "N2"]
     assert e0.positives[0].uid == text_uid("Transformers are networks.")
-    assert e0.positives[0].uid.startswith("text:") and e0.corpus_id is None
+    assert e0.positives[0].uid.startswith("text:") and e0.corpus_id is None and e0.positives[0].doc_id is None
 
 
 def test_identical_inline_text_same_uid_and_int64(tmp_path):
@@ -96,6 +96,7 @@ def test_corpus_id_json(tmp_path, fmt):
     assert ex.qid == "q_001" and ex.query == "Explain transformers" and ex.corpus_id == "wiki_corpus"
     assert [(x.text, x.uid) for x in ex.positives] == [("Transformers...", "wiki_corpus:d_123")]
     assert [x.uid for x in ex.negatives] == ["wiki_corpus:d_456", "wiki_corpus:789"]
+    assert [x.doc_id for x in ex.negatives] == ["d_456", "789"] and ex.positives[0].doc_id == "d_123"
     c = es.corpus("wiki_corpus")
     assert c["d_456"] == "RNNs" and c[789] == "CNNs" and len(c) == 3 and c.path == os.path.realpath(cdir)
     assert c.query_instruction == "Q:" and c.passage_instruction == "P:"

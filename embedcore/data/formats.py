@@ -35,10 +35,12 @@ __all__ = ["DataError", "Passage", "Example", "ExampleSet", "load_examples", "lo
 
 @dataclass(frozen=True)
 class Passage:
-    """A passage's text and its stable uid (see embedcore.data.ids)."""
+    """A passage's text and its stable uid (see embedcore.data.ids); ``doc_id`` is the corpus
+    document id for corpus-ID data (None for inline text), so callers need not parse the uid."""
 
     text: str
     uid: str
+    doc_id: str | None = None
 
 
 @dataclass
@@ -84,6 +86,9 @@ class ExampleSet(Sequence):
 
     def __len__(self):
         return len(self.examples)
+
+    def __iter__(self):
+        return iter(self.examples)
 
     def corpus(self, corpus_id: str) -> Corpus:
         """The corpus named ``corpus_id`` (a Mapping doc_id -> text)."""
@@ -311,7 +316,7 @@ def _corpus_example(row, where: str, default_qid: str, corpora: dict) -> Example
             if doc_id not in corpus.docs:
                 raise DataError(f"{where}: {key} id {doc_id!r} is not in corpus {cid!r} ({corpus.table})",
                                 "unknown_doc_id")
-            out.append(Passage(corpus.docs[doc_id], corpus_uid(cid, doc_id)))
+            out.append(Passage(corpus.docs[doc_id], corpus_uid(cid, doc_id), doc_id))
         return out
 
     return Example(query=query, qid=_qid_of(row, default_qid), positives=passages(pos_ids, "pos_doc"),
