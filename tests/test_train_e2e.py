@@ -172,3 +172,26 @@ def test_colbert_trains_with_maxsim(setup):
     result = loop_mod.train(config_from_dict(data))
     assert result.step == 2 and math.isfinite(result.last_loss)
     assert 0 < result.validations[-1]["val_mrr"] <= 1
+
+
+@pytest.mark.slow
+def test_lora_run_saves_adapter_and_merged_export(setup):
+    root, model, train, _ = setup
+    data = base_config(model, train, None, str(root / "run_lora"), max_steps=2)
+    data["peft"] = {"target_modules": ["q_proj", "v_proj"], "dim": 4, "alpha": 8, "dropout": 0.0}
+    data["checkpoint"].update(save_consolidated=True, export_merged_lora=True)
+    result = loop_mod.train(config_from_dict(data))
+    adapter, merged = result.export["adapter"], result.export["consolidated"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(adapter))
+    assert "adapter_config.json" not in os.listdir(merged) and "modules.json" in os.listdir(merged)
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(result.checkpoint, "model", "model.safetensors"))
+    assert saved and all("lora_" in k for k in saved)  # LoRA checkpoints hold the trainable tensors only
+    adapter_weights = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    assert any(k.startswith("base_model.model.layers.0.self_attn.q_proj.lora_A") for k in adapter_weights)
+    assert any(float(v.abs().sum()) > 0 for k, v in adapter_weights.items() if "lora_B" in k)  # B moved off zero
+    from sentence_transformers import SentenceTransformer
+
+    emb = SentenceTransformer(merged, device="cpu").encode(["open a file"], prompt_name="query")
+    assert emb.shape == (1, 32)

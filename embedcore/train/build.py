@@ -88,8 +88,10 @@ def apply_peft(cfg: TrainConfig, model) -> dict:
     from embedcore.lora.apply import apply_lora
 
     p = cfg.peft
-    summary = apply_lora(model, target_modules=list(p.target_modules), r=p.dim, alpha=p.alpha, dropout=p.dropout)
-    return summary
+    # use_triton (the reference's flag) means the fused lora_linear op with its device default
+    # (Triton on CUDA, C++ on CPU); false runs the plain torch reference.
+    return apply_lora(model, target_modules=list(p.target_modules), r=p.dim, alpha=p.alpha, dropout=p.dropout,
+                      backend=None if p.use_triton else "torch")
 
 
 def build_dataset(cfg: TrainConfig, dl: DataLoaderConfig, train: bool):

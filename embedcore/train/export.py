@@ -3,7 +3,8 @@
     step_N/model/consolidated/  Hugging Face + sentence-transformers folder (Biencoder.save_pretrained);
                                 full fine-tuning runs, and LoRA runs with export_merged_lora (merged)
     step_N/model/adapter/       LoRA runs: the adapter in PEFT format (adapter_config.json,
-                                adapter_model.safetensors)
+                                adapter_model.safetensors) for the query encoder's HF model;
+                                adapter/passage_encoder/ when the encoders are separate
 
 Each folder is written under a temporary name and renamed when complete. With FSDP the full
 state is gathered to rank 0, which loads it into an unsharded copy of the model and exports it.
@@ -60,12 +61,19 @@ def export_final(trainer, checkpoint_folder: str) -> dict:
         if lora:
             from embedcore.lora.peft_format import save_adapter
 
-            out["adapter"] = _atomic_folder(os.path.join(target, "adapter"), lambda d: save_adapter(model, d))
+            base = cfg.model.pretrained_model_name_or_path
+
+            def write_adapters(d):  # one PEFT adapter per encoder, keyed like the plain HF model
+                save_adapter(model.query_encoder, d, base_model_name_or_path=base)
+                if not model.share_encoder:
+                    save_adapter(model.passage_encoder, os.path.join(d, "passage_encoder"), base_model_name_or_path=base)
+
+            out["adapter"] = _atomic_folder(os.path.join(target, "adapter"), write_adapters)
         if want_consolidated:
             if lora:
                 from embedcore.lora.peft_format import merge_lora
 
-                model = merge_lora(model)
+                merge_lora(model)  # in place: LoRALinear -> nn.Linear with the merged weight
             out["consolidated"] = _atomic_folder(
                 os.path.join(target, "consolidated"),
                 lambda d: model.save_pretrained(d, trainer.tokenizer, query_prefix=coll.query_prefix,
