@@ -105,6 +105,7 @@ def test_export_files(tiny, tmp_path):
     assert not any(f.endswith((".bin", ".pt")) for f in os.listdir(out))
     tok_cfg = json.load(open(os.path.join(out, "tokenizer_config.json")))
     assert tok_cfg["padding_side"] == "left" and tok_cfg["pad_token"] == "</s>"
+    assert "local_files_only" not in tok_cfg
     # unnormalised: no Normalize module, dot similarity
     b.l2_normalize = False
     out2 = b.save_pretrained(str(tmp_path / "e2"), load_tokenizer(tiny), None, None)
@@ -144,6 +145,9 @@ def test_unmerged_extra_weights_are_refused(tiny, tmp_path):
     sd["query_encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(2, 32)
     with pytest.raises(ValueError, match="merge LoRA"):
         b.save_pretrained(str(tmp_path / "e"), load_tokenizer(tiny), None, None, state_dict=sd)
+    (tmp_path / "old_export_file").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        b.save_pretrained(str(tmp_path), load_tokenizer(tiny), None, None)
     sd = {"something.else": torch.zeros(1)}
     with pytest.raises(ValueError, match="outside"):
         b.save_pretrained(str(tmp_path / "e"), load_tokenizer(tiny), None, None, state_dict=sd)

@@ -115,6 +115,9 @@ class Biencoder(nn.Module):
         cpu_offload=True) and call this on rank 0 only); None uses the module's own tensors.
         """
         out_dir = os.fspath(out_dir)
+        if os.path.isdir(out_dir) and os.listdir(out_dir):
+            # stale files of another export (modules.json, 2_Normalize, passage_encoder/) would be loaded too
+            raise FileExistsError(f"Biencoder.save_pretrained: {out_dir!r} exists and is not empty; export into a new folder")
         if state_dict is None:
             state_dict = self.state_dict()
         parts = [("query_encoder", self.query_encoder, out_dir)]
@@ -125,6 +128,8 @@ class Biencoder(nn.Module):
         if stray:
             raise ValueError(f"Biencoder.save_pretrained: state_dict keys outside {known}: {stray[:5]}")
         tok = prepare_tokenizer(copy.deepcopy(tokenizer), self.padding_side)
+        for key in ("local_files_only", "is_local"):  # how WE loaded it, not a property of the tokenizer
+            tok.init_kwargs.pop(key, None)
         for name, encoder, folder in parts:
             sub = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
             _save_encoder(encoder, sub, folder)
