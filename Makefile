@@ -19,17 +19,13 @@ $(VENV)/.deps: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "torch==$(TORCH_VERSION)" setuptools wheel ninja pybind11
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.deps
-	$(BIN)/pip install -q "torch==$(TORCH_VERSION)" -e ".[dev]" --no-build-isolation
-	touch $@
-
 venv: $(VENV)/.deps
 
-# Editable install: builds embedcore/_C*.so in place (ninja, incremental).
+# Editable install with the dev extra: builds embedcore/_C*.so in place (ninja, incremental).
 build: $(VENV)/.deps
-	$(LOCK) $(BIN)/pip install -q "torch==$(TORCH_VERSION)" -e . --no-build-isolation --no-deps
+	$(LOCK) $(BIN)/pip install -q "torch==$(TORCH_VERSION)" -e ".[dev]" --no-build-isolation
 
-install: $(VENV)/.dev build
+install: build
 
 info: install
 	$(BIN)/python -m embedcore.info
