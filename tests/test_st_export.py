@@ -151,3 +151,48 @@ def test_unmerged_extra_weights_are_refused(tiny, tmp_path):
     sd = {"something.else": torch.zeros(1)}
     with pytest.raises(ValueError, match="outside"):
         b.save_pretrained(str(tmp_path / "e"), load_tokenizer(tiny), None, None, state_dict=sd)
+
+
+FSDP_SCRIPT = r'''
+import os, sys, socket, torch, torch.distributed as dist
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo")
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from sentence_transformers import SentenceTransformer
+from embedcore.models.backbone import load_tokenizer
+from embedcore.models.biencoder import Biencoder
+tiny, out = sys.argv[1], sys.argv[2]
+b = Biencoder.from_pretrained(tiny, share_encoder=False)
+tok = load_tokenizer(tiny)
+enc = tok(["how do I read a file", "sum"], padding=True, return_tensors="pt")
+with torch.no_grad():
+    ref = b.encode(enc["input_ids"], enc["attention_mask"], "passage")
+for unit in b.fsdp_units():
+    fully_shard(unit)
+fully_shard(b)
+with torch.no_grad():
+    got = b.encode(enc["input_ids"], enc["attention_mask"], "passage")
+assert torch.allclose(ref, got, atol=1e-6)
+sd = get_model_state_dict(b, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+b.save_pretrained(out, tok, None, None, 32, state_dict=sd)
+e = SentenceTransformer(out + "/passage_encoder", device="cpu").encode(["how do I read a file", "sum"], convert_to_tensor=True)
+cos = torch.nn.functional.cosine_similarity(e, ref)
+assert cos.min() >= 0.9999, cos
+dist.destroy_process_group()
+print("FSDP-EXPORT-OK")
+'''
+
+
+@pytest.mark.slow
+def test_export_from_fsdp2_sharded_model(tiny, tmp_path):
+    """1-rank gloo FSDP2 (in a subprocess, so no process group leaks into other tests)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fsdp_export.py"
+    script.write_text(FSDP_SCRIPT)
+    res = subprocess.run([sys.executable, str(script), tiny, str(tmp_path / "out")], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "FSDP-EXPORT-OK" in res.stdout, res.stderr[-3000:]

@@ -106,6 +106,15 @@ class Biencoder(nn.Module):
         """Every transformer layer of every distinct encoder (the units FSDP2 shards one by one)."""
         return [block for enc in self.encoders() for block in _layer_list(enc)]
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """What to `fully_shard`, in order, before the root: every block, then each encoder.
+
+        Sharding each encoder (not only the root) matters: `encode()` calls an encoder directly, which
+        bypasses the root's FSDP pre-forward hook, so the embeddings / final norm would stay sharded
+        (DTensor vs Tensor error) unless the encoder is an FSDP unit of its own.
+        """
+        return self.transformer_blocks() + self.encoders()
+
     def save_pretrained(self, out_dir, tokenizer, query_prefix: str | None = None, passage_prefix: str | None = None,
                         max_seq_length: int | None = None, state_dict: dict | None = None) -> str:
         """Consolidated export (see the module docstring); returns out_dir.
