@@ -102,3 +102,23 @@ def test_bf16_load(tiny):
     assert next(b.parameters()).dtype == torch.bfloat16
     q, _ = b(_batch(load_tokenizer(tiny)))
     assert q.dtype == torch.bfloat16 and torch.isfinite(q.float()).all()
+
+
+def test_other_encoders_are_used_as_they_are(tmp_path):
+    from transformers import AutoModel, ModernBertConfig, RobertaConfig, XLMRobertaConfig
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    for cfg in (RobertaConfig(**small), XLMRobertaConfig(**small), ModernBertConfig(cls_token_id=1, sep_token_id=2, **small)):
+        folder = str(tmp_path / cfg.model_type)
+        torch.manual_seed(0)
+        AutoModel.from_config(cfg).save_pretrained(folder)
+        b = Biencoder.from_pretrained(folder, share_encoder=False)
+        assert not b.is_decoder and b.padding_side == "right", cfg.model_type
+        assert len(b.transformer_blocks()) == 4 and len(b.fsdp_units()) == 6
+        ids = torch.randint(3, 60, (2, 9))
+        mask = torch.ones_like(ids)
+        mask[0, 6:] = 0
+        q = b.encode(ids, mask)
+        # right padding changes nothing for the real tokens of an encoder
+        torch.testing.assert_close(q[0], b.encode(ids[:1, :6], mask[:1, :6])[0], rtol=1e-4, atol=1e-5)
