@@ -196,3 +196,35 @@ def test_export_from_fsdp2_sharded_model(tiny, tmp_path):
     res = subprocess.run([sys.executable, str(script), tiny, str(tmp_path / "out")], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and "FSDP-EXPORT-OK" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("pooling", ["avg", "weighted_avg", "cls", "last"])
+def test_st_pooling_module_matches_pool_l2(pooling, side):
+    """The mapping in st_export: ST's own Pooling gives pool_l2's vector, for either padding side."""
+    from sentence_transformers.models import Pooling
+
+    import embedcore
+    from embedcore.models.st_export import OURS_TO_ST
+
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(4, 9, 33, generator=g, dtype=torch.float64)
+    lengths = [9, 5, 1, 7]
+    mask = torch.zeros(4, 9, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if side == "left":
+            mask[row, 9 - n:] = 1
+        else:
+            mask[row, :n] = 1
+    assert mask.sum(1).tolist() == lengths
+    # built from the exported long-form config, exactly as sentence-transformers loads it
+    long_form = {f"pooling_mode_{k}": k == OURS_TO_ST[pooling] for k in
+                 ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")}
+    import warnings
+
+    with warnings.catch_warnings():  # ST 6.2 calls the long form deprecated (yet reads it); older ST does not
+        warnings.simplefilter("ignore", FutureWarning)
+        st = Pooling(33, **long_form)
+    got = st({"token_embeddings": hidden, "attention_mask": mask})["sentence_embedding"]
+    want = embedcore.pool_l2(hidden, mask, pooling, normalize=False, backend="torch")
+    torch.testing.assert_close(got, want)
