@@ -98,10 +98,12 @@ def test_st_folder_gives_defaults_and_caller_overrides(minilm):
 
 
 def test_bf16_load(tiny):
-    b = Biencoder.from_pretrained(tiny, torch_dtype=torch.bfloat16)
+    b = Biencoder.from_pretrained(tiny, torch_dtype="bfloat16")
     assert next(b.parameters()).dtype == torch.bfloat16
     q, _ = b(_batch(load_tokenizer(tiny)))
     assert q.dtype == torch.bfloat16 and torch.isfinite(q.float()).all()
+    with pytest.raises(ValueError, match="torch_dtype"):
+        Biencoder.from_pretrained(tiny, torch_dtype="int8")
 
 
 def test_other_encoders_are_used_as_they_are(tmp_path):

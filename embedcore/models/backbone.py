@@ -92,11 +92,18 @@ def load_backbone(path, torch_dtype: torch.dtype = torch.float32, attn_implement
 
     info keys: model_path (folder of config.json), model_type, is_decoder, padding_side,
     pooling / l2_normalize / query_prefix / passage_prefix / max_seq_length (from our export's
-    embedcore_biencoder.json or a sentence-transformers folder, else None), passage_encoder_path (a separately exported passage encoder, else None),
-    sentence_transformers (bool).
+    embedcore_biencoder.json or a sentence-transformers folder, else None), passage_encoder_path (a
+    separately exported passage encoder, else None), sentence_transformers (bool).
+    torch_dtype: a torch dtype or its name ("bfloat16"); attn_implementation: None (transformers'
+    default, sdpa) or "eager" / "sdpa" / "flash_attention_2".
     """
     from transformers import AutoModel
 
+    if isinstance(torch_dtype, str):  # the YAML spelling ("bfloat16", "torch.float32")
+        name = torch_dtype.removeprefix("torch.")
+        if name not in ("float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"torch_dtype {torch_dtype!r}: expected float32, bfloat16, float16 or float64")
+        torch_dtype = getattr(torch, name)
     folder, st = resolve_model_folder(path)
     config = load_config(folder)
     is_decoder = is_decoder_family(config)
