@@ -1,0 +1,119 @@
+"""Two ranks (torchrun, gloo, FSDP2) equal one rank with the same global batch: same final
+weights, same validation metrics (each validation query counted once), and the export works
+from the sharded model."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from train_fixture import base_config, make_model, write_dataset
+
+from embedcore.train import loop as loop_mod
+from embedcore.train.config import config_from_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+                    reason="torchrun not found")
+def test_two_ranks_equal_one_rank(tmp_path):
+    model = make_model(str(tmp_path / "model"))
+    train = write_dataset(str(tmp_path / "train.jsonl"), 24)
+    val = write_dataset(str(tmp_path / "val.jsonl"), 7, seed=1)
+
+    def config(name, local):
+        data = base_config(model, train, val, str(tmp_path / name), global_batch_size=8, local_batch_size=local,
+                           max_steps=3, val_every_steps=3, ckpt_every_steps=3)
+        data["checkpoint"]["save_consolidated"] = True
+        data["model"]["share_encoder"] = False
+        return data
+
+    # 2 ranks x 2 queries x 2 accumulation steps vs 1 rank x 4 queries x 2 accumulation steps
+    cfg_path = tmp_path / "two.yaml"
+    cfg_path.write_text(yaml.safe_dump(config("two", 2)))
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", os.path.join(ROOT, "train.py"),
+                           str(cfg_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step 3 | epoch 0 | loss" in proc.stdout
+
+    one = loop_mod.train(config_from_dict(config("one", 4)))
+    want = load_file(os.path.join(one.checkpoint, "model", "model.safetensors"))
+    got = load_file(str(tmp_path / "two" / "step_3" / "model" / "model.safetensors"))
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+    first = load_file(os.path.join(tmp_path / "two" / "step_3" / "model" / "model.safetensors"))
+    assert first  # non-empty
+
+    def records(name, file):
+        return [json.loads(x) for x in open(tmp_path / name / file)]
+
+    for a, b in zip(records("one", "training.jsonl"), records("two", "training.jsonl")):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    (va,), (vb,) = records("one", "validation.jsonl"), records("two", "validation.jsonl")
+    assert va["val_queries"] == vb["val_queries"] == 7
+    for key in ("val_loss", "val_acc1", "val_mrr"):
+        assert va[key] == pytest.approx(vb[key], rel=1e-4, abs=1e-6), key
+    # the export from the sharded run holds the same query and passage encoders
+    exp = tmp_path / "two" / "step_3" / "model" / "consolidated"
+    q = load_file(str(exp / "model.safetensors"))
+    p = load_file(str(exp / "passage_encoder" / "model.safetensors"))
+    for k, v in q.items():
+        torch.testing.assert_close(v, want[f"query_encoder.{k}"], rtol=1e-4, atol=1e-5)
+    for k, v in p.items():
+        torch.testing.assert_close(v, want[f"passage_encoder.{k}"], rtol=1e-4, atol=1e-5)
+
+
+GATHER_SCRIPT = r'''
+import sys, torch, torch.distributed as dist
+from embedcore.train.distributed import init_distributed
+from embedcore.train.losses import pooled_train_loss
+info = init_distributed("gloo")
+g = torch.Generator().manual_seed(0)
+q_all = torch.nn.functional.normalize(torch.randn(2 * 3, 8, generator=g, dtype=torch.float64), dim=-1)
+p_all = torch.nn.functional.normalize(torch.randn(2 * 6, 8, generator=g, dtype=torch.float64), dim=-1)
+ids_all = torch.arange(12)
+ids_all[7] = ids_all[0]  # a copy of rank 0's first positive on rank 1
+r = info.rank
+q = q_all[3 * r:3 * r + 3].clone().requires_grad_()
+p = p_all[6 * r:6 * r + 6].clone().requires_grad_()
+loss = pooled_train_loss(q, p, ids_all[6 * r:6 * r + 6], 0.1, info, backend="torch")
+loss.backward()
+torch.save({"loss": loss.detach(), "dq": q.grad, "dp": p.grad}, sys.argv[1] + f"/rank{r}.pt")
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_gathered_passages_send_gradients_back_to_their_owners(tmp_path):
+    """Rank r's passage gradient is the sum over ranks of d loss_s / d p_r (FSDP then averages
+    parameter gradients over the ranks), i.e. world x the gradient of the mean loss."""
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_SCRIPT)
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", str(script), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from embedcore.ops.contrastive import contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    p = torch.nn.functional.normalize(torch.randn(12, 8, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    ids = torch.arange(12)
+    ids[7] = ids[0]
+    ref = contrastive_loss(q, p, 0.1, passage_ids=ids, backend="torch")  # one process, the whole global batch
+    ref.backward()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, ref.detach())
+    torch.testing.assert_close(torch.cat([ranks[0]["dq"], ranks[1]["dq"]]), 2 * q.grad)
+    torch.testing.assert_close(torch.cat([ranks[0]["dp"], ranks[1]["dp"]]), 2 * p.grad)
