@@ -26,22 +26,10 @@ def length_sorted_batches(texts: list[str], batch_size: int) -> list[list[int]]:
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int, prefix: str | None, pad_to_multiple_of: int | None = None):
-    """input_ids / attention_mask of `texts`, prefixed and truncated as the training collator does."""
-    try:
-        from embedcore.data.collator import encode_texts
-    except ModuleNotFoundError as e:  # the data helper's collator has not landed yet: same rule, here
-        if e.name != "embedcore.data.collator":
-            raise
-        return _tokenize_like_collator(tokenizer, texts, max_length, prefix, pad_to_multiple_of)
-    return encode_texts(tokenizer, texts, max_length, prefix, pad_to_multiple_of)
+    """input_ids / attention_mask of `texts`, prefixed, truncated and padded by the training collator's rule."""
+    from embedcore.data.collator import encode_texts as collator_encode
 
-
-def _tokenize_like_collator(tokenizer, texts, max_length, prefix, pad_to_multiple_of):
-    if prefix:
-        texts = [f"{prefix} {t}" for t in texts]
-    batch = tokenizer(list(texts), max_length=max_length, truncation=True, padding=True,
-                      pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return collator_encode(tokenizer, texts, max_length, prefix or "", pad_to_multiple_of)
 
 
 @torch.inference_mode()
