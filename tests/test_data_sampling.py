@@ -247,3 +247,12 @@ def test_real_entries_of_padded_batches():
         real = [i for k, b in enumerate(batches) for i in b[: counts[r][k]]]
         assert len(set(real)) == len(real)
     assert counts == [[2, 2, 2], [2, 2, 1]]
+
+
+def test_summary_carries_load_time_skips(tmp_path):
+    from embedcore.data.formats import load_examples
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"query": "a", "pos_doc": "p", "neg_doc": "n"}\n{"query": "b"}\n{"query": "c", "pos_doc": "p2"}\n')
+    ds = RetrievalDataset(load_examples([str(f)], skip_bad=True), n_passages=2, seed=0)
+    assert len(ds) == 1 and ds.skipped == {"empty_positive": 1, "no_negatives": 1}
+    assert ds.summary() == "1 queries x 2 passages (train); skipped empty_positive: 1, no_negatives: 1"

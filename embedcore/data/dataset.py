@@ -15,7 +15,8 @@ Sampling (better than the reference, which always takes ``pos_doc[0]`` and the f
 
 An example with no negatives while k > 0 raises DataError naming its file and line, or, when
 the ExampleSet was loaded with ``skip_bad=True`` (or ``skip_bad=True`` is given here), is left
-out and counted in ``skipped["no_negatives"]``.
+out and counted in ``skipped["no_negatives"]`` (``skipped`` also holds the ExampleSet's own
+load-time skip counts, so ``summary()`` is the one line to log).
 
 Note for DataLoader workers: call ``set_epoch`` before creating the epoch's iterator (workers
 copy the dataset when the iterator starts, unless persistent_workers, where it would be stale).
@@ -60,7 +61,8 @@ class RetrievalDataset:
         self.epoch = 0
         if skip_bad is None:
             skip_bad = bool(getattr(examples, "skip_bad", False))
-        self.skipped = {}
+        # Skips made while reading the files are carried over, so summary() reports them all.
+        self.skipped = dict(getattr(examples, "skipped", None) or {})
         kept = []
         for ex in examples:
             if self.num_negatives > 0 and not ex.negatives:
