@@ -1,14 +1,17 @@
 // lora_linear on CPU: y = x W^T + b + s' (mask * x) A^T B^T, maths and mask hash in
 // embedcore/ops/lora_linear.py (s' = scaling / (1 - p) already folded in by the caller).
 //
-// The two big products (x W^T forward, dy W backward) go to BLAS (addmm) straight into the one
-// output buffer; every rank-r product is a loop here that accumulates in fp32 (fp64 for fp64)
-// and adds into that buffer with a single rounding. No full-size temporary is made: the
-// dropout mask is regenerated from its counter hash wherever it is needed, never stored.
+// Every product goes to BLAS. The big ones (x W^T forward, dy W backward) are written straight
+// into the one output buffer, and the rank-r update is added into that buffer in place:
+//   - fp32/fp64 without dropout: addmm_ on the inputs themselves, no temporary at all;
+//   - bf16/fp16 or dropout: rows are processed in chunks of ~2^20 elements, each converted to
+//     fp32 and masked (the dropout mask regenerated from its counter hash, never stored), so
+//     accumulation is fp32 and each output element is rounded once. No full-size temporary.
 //
 //   forward:  xa = (mask * x) A^T [M, r] (kept for backward); out = addmm(b, x, W^T); out += xa (s' B^T)
 //   backward: g = dy (s' B) [M, r]; dB = s' dy^T xa; dA = g^T (mask * x); dx = dy W; dx += mask * (g A)
 #include "common.h"
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -33,62 +36,30 @@ struct Dropout {
   }
 };
 
-// out[m, :R] = sum_l keep(m, l) * big[m, l] * small[l, :R]      big [M, L], small [L, R] (acc)
-template <typename T, typename A>
-void rows_times_small(const T* big, const A* small, A* out, int64_t M, int64_t L, int64_t R, const Dropout& drop) {
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      A* o = out + m * R;
-      for (int64_t j = 0; j < R; ++j) o[j] = 0;
-      const T* row = big + m * L;
-      for (int64_t l = 0; l < L; ++l) {
-        if (!drop.keep(m * L + l)) continue;
-        const A v = static_cast<A>(row[l]);
-        const A* s = small + l * R;
-        for (int64_t j = 0; j < R; ++j) o[j] += v * s[j];
-      }
+// Rows per chunk on the chunked paths (bf16/fp16 inputs or dropout): chunk buffers of about
+// 2^20 elements, far below the full [M, in] / [M, out] sizes.
+int64_t chunk_rows(int64_t width) { return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(width, 1)); }
+
+// Zero the dropped elements of t [rows, L] (acc dtype), rows r0.. of the flattened x.
+template <typename A>
+void apply_mask_(at::Tensor& t, int64_t r0, int64_t L, const Dropout& drop) {
+  if (!drop.on) return;
+  A* p = t.data_ptr<A>();
+  const int64_t rows = t.size(0);
+  at::parallel_for(0, rows, 8, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const int64_t base = (r0 + i) * L;
+      for (int64_t l = 0; l < L; ++l)
+        if (!drop.keep(base + l)) p[i * L + l] = A(0);
     }
   });
 }
 
-// out[l, :R] = sum_m keep(m, l) * big[m, l] * rank[m, :R]       big [M, L], rank [M, R] (acc)
-// Each thread owns a block of output rows and walks all of M, so no reduction across threads.
-template <typename T, typename A>
-void rank_reduce(const T* big, const A* rank, A* out, int64_t M, int64_t L, int64_t R, const Dropout& drop) {
-  at::parallel_for(0, L, 64, [&](int64_t l0, int64_t l1) {
-    for (int64_t i = l0 * R; i < l1 * R; ++i) out[i] = 0;
-    for (int64_t m = 0; m < M; ++m) {
-      const T* row = big + m * L;
-      const A* rk = rank + m * R;
-      for (int64_t l = l0; l < l1; ++l) {
-        if (!drop.keep(m * L + l)) continue;
-        const A v = static_cast<A>(row[l]);
-        A* o = out + l * R;
-        for (int64_t j = 0; j < R; ++j) o[j] += v * rk[j];
-      }
-    }
-  });
-}
-
-// out[m, l] += keep(m, l) * sum_j rank[m, j] * small[j, l]     out [M, L], rank [M, R], small [R, L]
-// One fp32 row buffer per thread; each output element is rounded once.
-template <typename T, typename A>
-void add_rank_product(T* out, const A* rank, const A* small, int64_t M, int64_t L, int64_t R, const Dropout& drop) {
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    std::vector<A> tmp(L);
-    for (int64_t m = m0; m < m1; ++m) {
-      std::fill(tmp.begin(), tmp.end(), A(0));
-      for (int64_t j = 0; j < R; ++j) {
-        const A c = rank[m * R + j];
-        const A* s = small + j * L;
-        for (int64_t l = 0; l < L; ++l) tmp[l] += c * s[l];
-      }
-      T* o = out + m * L;
-      for (int64_t l = 0; l < L; ++l) {
-        if (drop.keep(m * L + l)) o[l] = static_cast<T>(static_cast<A>(o[l]) + tmp[l]);
-      }
-    }
-  });
+// (mask * x)[r0:r1] in the accumulation dtype: a chunk-sized copy.
+at::Tensor masked_chunk(const at::Tensor& x, int64_t r0, int64_t r1, const Dropout& drop, at::ScalarType acc) {
+  at::Tensor c = x.slice(0, r0, r1).to(acc, /*non_blocking=*/false, /*copy=*/true);
+  AT_DISPATCH_FLOATING_TYPES(acc, "lora_mask", [&] { apply_mask_<scalar_t>(c, r0, x.size(1), drop); });
+  return c;
 }
 
 Dropout make_dropout(bool on, int64_t k1, int64_t k2, int64_t thr) {
@@ -116,9 +87,10 @@ std::vector<at::Tensor> lora_linear_forward(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& lora_a, const at::Tensor& lora_b, double s_eff,
                                             bool dropout, int64_t k1, int64_t k2, int64_t thr) {
   check_inputs(x, weight, lora_a, lora_b);
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_a.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const auto acc = acc_scalar_type(x.scalar_type());
-  auto xa = at::empty({M, R}, x.options().dtype(acc));
+  const bool exact = x.scalar_type() == acc;  // BLAS on x itself accumulates in acc already
+  const Dropout drop = make_dropout(dropout, k1, k2, thr);
   at::Tensor out;
   if (bias.has_value() && bias->defined()) {
     EC_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be [out] = [", N, "], got ", bias->sizes());
@@ -126,15 +98,27 @@ std::vector<at::Tensor> lora_linear_forward(const at::Tensor& x, const at::Tenso
   } else {
     out = at::mm(x, weight.t());
   }
-  const auto a_t = lora_a.t().to(acc).contiguous();                 // [K, R], small
-  const auto b_t = (lora_b.t().to(acc) * s_eff).contiguous();       // [R, N], small
-  const Dropout drop = make_dropout(dropout, k1, k2, thr);
-  const Dropout none = make_dropout(false, 0, 0, 0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_linear_forward", [&] {
-    using A = acc_t<scalar_t>;
-    rows_times_small<scalar_t, A>(x.data_ptr<scalar_t>(), a_t.data_ptr<A>(), xa.data_ptr<A>(), M, K, R, drop);
-    add_rank_product<scalar_t, A>(out.data_ptr<scalar_t>(), xa.data_ptr<A>(), b_t.data_ptr<A>(), M, N, R, none);
-  });
+  const auto a_t = lora_a.t().to(acc);                  // [K, r], small
+  const auto b_t = lora_b.t().to(acc) * s_eff;          // [r, N], small
+  at::Tensor xa;
+  if (exact && !dropout) {
+    xa = at::mm(x, a_t);
+  } else {
+    xa = at::empty({M, lora_a.size(0)}, x.options().dtype(acc));
+    for (int64_t r0 = 0, C = chunk_rows(K); r0 < M; r0 += C) {
+      const int64_t r1 = std::min(M, r0 + C);
+      auto xa_c = xa.slice(0, r0, r1);
+      at::mm_out(xa_c, masked_chunk(x, r0, r1, drop, acc), a_t);
+    }
+  }
+  if (exact) {
+    out.addmm_(xa, b_t);  // in place: out += xa (s' B^T)
+  } else {                // acc-dtype chunk, added with one rounding per element
+    for (int64_t r0 = 0, C = chunk_rows(N); r0 < M; r0 += C) {
+      const int64_t r1 = std::min(M, r0 + C);
+      out.slice(0, r0, r1).add_(at::mm(xa.slice(0, r0, r1), b_t));
+    }
+  }
   return {out, xa};
 }
 
@@ -149,24 +133,50 @@ std::vector<at::Tensor> lora_linear_backward(const at::Tensor& grad_out, const a
   EC_CHECK(grad_out.scalar_type() == x.scalar_type(), "grad_out must have x's dtype");
   const auto acc = acc_scalar_type(x.scalar_type());
   EC_CHECK(xa.sizes() == at::IntArrayRef({M, R}) && xa.scalar_type() == acc, "xa must be the forward's [M, r] accumulation-dtype intermediate");
-  auto g = at::empty({M, R}, xa.options());
-  auto db = at::empty({N, R}, xa.options());
-  auto da_t = at::empty({K, R}, xa.options());
-  const auto b_s = (lora_b.to(acc) * s_eff).contiguous();          // [N, R], small
-  const auto a_acc = lora_a.to(acc).contiguous();                   // [R, K], small
-  at::Tensor dx = need_dx ? at::mm(grad_out, weight) : at::empty({0}, x.options());
+  const bool exact = x.scalar_type() == acc;
   const Dropout drop = make_dropout(dropout, k1, k2, thr);
   const Dropout none = make_dropout(false, 0, 0, 0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_linear_backward", [&] {
-    using A = acc_t<scalar_t>;
-    const scalar_t* dy = grad_out.data_ptr<scalar_t>();
-    rows_times_small<scalar_t, A>(dy, b_s.data_ptr<A>(), g.data_ptr<A>(), M, N, R, none);
-    rank_reduce<scalar_t, A>(dy, xa.data_ptr<A>(), db.data_ptr<A>(), M, N, R, none);
-    rank_reduce<scalar_t, A>(x.data_ptr<scalar_t>(), g.data_ptr<A>(), da_t.data_ptr<A>(), M, K, R, drop);
-    if (need_dx) add_rank_product<scalar_t, A>(dx.data_ptr<scalar_t>(), g.data_ptr<A>(), a_acc.data_ptr<A>(), M, K, R, drop);
-  });
-  db.mul_(s_eff);
-  return {dx, da_t.t().to(x.scalar_type()).contiguous(), db.to(x.scalar_type())};
+  const auto b_s = lora_b.to(acc) * s_eff;   // [N, r], small
+  const auto a_acc = lora_a.to(acc);         // [r, K], small
+  at::Tensor g, db, da;
+  if (exact) {
+    g = at::mm(grad_out, b_s);                 // [M, r]
+    db = at::mm(grad_out.t(), xa).mul_(s_eff); // [N, r]
+  } else {
+    g = at::empty({M, R}, xa.options());
+    db = at::zeros({N, R}, xa.options());
+    for (int64_t r0 = 0, C = chunk_rows(N); r0 < M; r0 += C) {
+      const int64_t r1 = std::min(M, r0 + C);
+      const auto dy_c = masked_chunk(grad_out, r0, r1, none, acc);
+      auto g_c = g.slice(0, r0, r1);
+      at::mm_out(g_c, dy_c, b_s);
+      db.addmm_(dy_c.t(), xa.slice(0, r0, r1), 1.0, s_eff);
+    }
+  }
+  if (exact && !dropout) {
+    da = at::mm(g.t(), x);                     // [r, K]
+  } else {
+    da = at::zeros({R, K}, xa.options());
+    for (int64_t r0 = 0, C = chunk_rows(K); r0 < M; r0 += C) {
+      const int64_t r1 = std::min(M, r0 + C);
+      da.addmm_(g.slice(0, r0, r1).t(), masked_chunk(x, r0, r1, drop, acc));
+    }
+  }
+  at::Tensor dx = at::empty({0}, x.options());
+  if (need_dx) {
+    dx = at::mm(grad_out, weight);
+    if (exact && !dropout) {
+      dx.addmm_(g, a_acc);                     // in place: dx += g A
+    } else {
+      for (int64_t r0 = 0, C = chunk_rows(K); r0 < M; r0 += C) {
+        const int64_t r1 = std::min(M, r0 + C);
+        auto t = at::mm(g.slice(0, r0, r1), a_acc);  // [chunk, K] acc
+        AT_DISPATCH_FLOATING_TYPES(acc, "lora_mask", [&] { apply_mask_<scalar_t>(t, r0, K, drop); });
+        dx.slice(0, r0, r1).add_(t);
+      }
+    }
+  }
+  return {dx, da.to(x.scalar_type()), db.to(x.scalar_type())};
 }
 
 }  // namespace embedcore
