@@ -173,3 +173,12 @@ def test_torchrun_two_ranks_same_output(tmp_path, minilm_path):
         assert [n["id"] for n in ra["neg_doc"]] == [n["id"] for n in rb["neg_doc"]]
         for x, y in zip(ra["neg_doc"] + ra["pos_doc"], rb["neg_doc"] + rb["pos_doc"]):
             assert x["score"] == pytest.approx(y["score"], abs=1e-5)
+
+
+def test_example_config_loads_with_overrides():
+    cfg = load_mining_config(os.path.join(os.path.dirname(__file__), "..", "examples", "mining.yaml"),
+                             ["--mining.hard_neg_margin=0.9", "--mining.query_prefix", "query:"])
+    assert cfg.hard_negatives_to_mine == 20 and cfg.hard_neg_margin == 0.9 and cfg.query_prefix == "query:"
+    with pytest.raises(ValueError, match="hard_neg_margin_type"):
+        load_mining_config(None, ["--mining.model_name_or_path", "m", "--mining.train_qa_file_path", "i",
+                                  "--mining.train_file_output_path", "o", "--mining.hard_neg_margin_type", "pct"])
