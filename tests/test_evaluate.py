@@ -62,3 +62,30 @@ def test_bad_data(tmp_path, minilm_path):
     open(os.path.join(folder, "corpus.jsonl"), "w").close()
     with pytest.raises(DataError, match="corpus is empty"):
         evaluate_model(minilm_path, folder, "test")
+
+
+def test_exported_prefixes_match_sentence_transformers_prompts(tmp_path, minilm_path):
+    """Our export with prefixes: our query/passage embeddings equal ST's encode_query / encode_document."""
+    st = pytest.importorskip("sentence_transformers")
+    import torch
+
+    from embedcore.models.backbone import load_tokenizer
+    from embedcore.models.biencoder import Biencoder
+    from embedcore.retrieval.encode import encode_texts
+    from embedcore.retrieval.model import RetrievalModel
+
+    out = str(tmp_path / "export")
+    Biencoder.from_pretrained(minilm_path).save_pretrained(out, load_tokenizer(minilm_path), query_prefix="query:",
+                                                           passage_prefix="passage:")
+    ours = RetrievalModel.load(out, device="cpu")
+    assert (ours.query_prefix, ours.passage_prefix) == ("query:", "passage:")
+    texts = [q for _, q, _ in QUERIES[:5]]
+    ref_model = st.SentenceTransformer(out, device="cpu")
+    ref_q = ref_model.encode_query(texts, convert_to_tensor=True)
+    ref_d = ref_model.encode_document(texts, convert_to_tensor=True)
+    _, q = encode_texts(ours, texts, kind="query", prefix=ours.query_prefix, batch_size=2)
+    _, d = encode_texts(ours, texts, kind="passage", prefix=ours.passage_prefix, batch_size=2)
+    torch.testing.assert_close(q, ref_q, atol=1e-5, rtol=0)
+    torch.testing.assert_close(d, ref_d, atol=1e-5, rtol=0)
+    _, bare = encode_texts(ours, texts, kind="query", prefix=None)
+    assert (bare - ref_q).abs().max() > 1e-2  # the prefix matters, so the check above can fail
