@@ -158,8 +158,12 @@ def test_load_errors_name_the_problem(llama, tmp_path):
     apply_lora(wrong_rank, target_modules=["q_proj"], r=3, alpha=4)
     del state["base_model.model.layers.0.self_attn.k_proj.lora_A.weight"]
     save_file(state, d / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"adapter has r=2, lora_alpha=4 but the model's LoRA layer .* has r=3"):
+        load_adapter(wrong_rank, str(d))
+    _edit_config(d, r=3)
     with pytest.raises(ValueError, match=r"has shape \(2, 64\), the model expects \(3, 64\)"):
         load_adapter(wrong_rank, str(d))
+    _edit_config(d, r=2)
     del state["base_model.model.layers.1.self_attn.q_proj.lora_B.weight"]
     save_file(state, d / "adapter_model.safetensors")
     with pytest.raises(ValueError, match=r"no weights for LoRA layer\(s\) \['layers\.1\.self_attn\.q_proj\.lora_B'\]"):

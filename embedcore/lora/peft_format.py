@@ -154,6 +154,11 @@ def load_adapter(model: nn.Module, directory: str, backend: str | None = None) -
                    match_all_linear=all_linear, r=int(config["r"]), alpha=config["lora_alpha"],
                    dropout=float(config.get("lora_dropout") or 0.0), backend=backend, _strict_exclude=False)
         layers = lora_layers(model)
+    else:
+        for name, layer in layers.items():
+            if layer.r != int(config["r"]) or layer.lora_alpha != config["lora_alpha"]:
+                raise ValueError(f"{directory}: adapter has r={config['r']}, lora_alpha={config['lora_alpha']} but the "
+                                 f"model's LoRA layer {name!r} has r={layer.r}, alpha={layer.lora_alpha}")
     state = load_file(weights_path)
     filled: dict[str, set] = {name: set() for name in layers}
     for key, tensor in state.items():
