@@ -6,13 +6,10 @@ present): fp32 and bf16, ours = the triton backend. The number to read is each L
 overhead over `base` in the same group (goal: ours at most half of PEFT's on CPU; on CUDA ours
 at least 1.25x faster than PEFT's layer).
 """
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from memory import cuda_peak_growth_mib
+from memory import cpu_peak_growth_mib, cuda_peak_growth_mib
 
 TOKENS, IN, OUT, R, ALPHA = 4096, 2048, 2048, 16, 32
 CUDA = torch.cuda.is_available()
@@ -42,30 +39,6 @@ if "{impl}" != "base":  # a trained-looking B, so nothing can shortcut on zeros
         lora_b.normal_(0, 0.02)
 """
 RUN = "x.grad = None\nlayer(x).backward(grad)"
-
-# Peak memory on CPU: the process's high-water RSS (VmHWM) is reset through /proc/self/clear_refs
-# after the set-up and one warm-up step (so imports, inputs and one-time buffers do not count),
-# then one step runs; the growth of VmHWM over the RSS before the step is what the step needed.
-_MEM_RUNNER = """
-{setup}
-def _kib(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1])
-{run}
-open("/proc/self/clear_refs", "w").write("5")
-before = _kib("VmRSS:")
-{run}
-print("PEAK_MIB", (_kib("VmHWM:") - before) / 1024)
-"""
-
-
-def cpu_step_peak_mib(setup: str, run: str) -> float:
-    out = subprocess.run([sys.executable, "-c", _MEM_RUNNER.format(setup=setup, run=run)], capture_output=True, text=True)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("PEAK_MIB")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"memory subprocess failed:\n{out.stderr[-3000:]}")
-    return float(lines[-1].split()[1])
 
 IMPLS = {"cpu": (("base", "-"), ("embedcore", "cpp"), ("peft", "-")),
          "cuda": (("base", "-"), ("embedcore", "triton"), ("peft", "-"))}
@@ -102,6 +75,6 @@ def test_lora_linear_fwd_bwd(benchmark, impl, backend, dtype, device):
     if device == "cuda":
         benchmark.extra_info["peak_mib"] = cuda_peak_growth_mib(step)
     else:
-        benchmark.extra_info["peak_mib"] = cpu_step_peak_mib(_setup(impl, backend, dtype, device), RUN)
+        benchmark.extra_info["peak_mib"] = cpu_peak_growth_mib(_setup(impl, backend, dtype, device), RUN)
     rounds = 20 if device == "cuda" else 6
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=1)

@@ -103,5 +103,5 @@ def test_mining(benchmark, impl):
     seconds = benchmark.stats.stats.mean
     benchmark.extra_info.update(
         queries_per_s=N_QUERIES / seconds, passages_per_s=N_PASSAGES / seconds,
-        peak_mib=cpu_peak_growth_mib(f"from bench_mining import make_case\nrun = make_case({impl!r})", "run()"))
+        peak_mib=cpu_peak_growth_mib(f"from bench_mining import make_case\nrun = make_case({impl!r})", "run()", warmup=False))
     assert result is not None

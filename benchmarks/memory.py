@@ -1,13 +1,13 @@
 """Peak-memory measurement for the benchmarks.
 
-CPU: run the case in a fresh subprocess and report how much its peak RSS grew while the op ran
-(ru_maxrss after the op minus ru_maxrss after the inputs were built and the imports done), so
-allocator caches of earlier cases cannot hide or inflate anything.
-CUDA: torch.cuda.max_memory_allocated above the memory held before the op.
+CPU: the case runs in a fresh subprocess: set-up, one warm-up step (imports, inputs and
+one-time buffers then do not count), a reset of the process's high-water RSS through
+/proc/self/clear_refs, one measured step. The growth of VmHWM over the RSS just before the step
+is what the step needed; allocator caches of earlier cases cannot hide or inflate anything.
+CUDA: torch.cuda.max_memory_allocated above the memory held before the step.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,27 +16,31 @@ import textwrap
 import torch
 
 _RUNNER = """
-import gc, json, resource, sys
+import sys
 sys.path.insert(0, {bench_dir!r})
 {setup}
-gc.collect()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+{warmup}
+open("/proc/self/clear_refs", "w").write("5")
+_before = _kib("VmRSS:")
 {run}
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"peak_growth_mib": (after - before) / 1024}}))
+print("PEAK_MIB", (_kib("VmHWM:") - _before) / 1024)
 """
 
 
-def cpu_peak_growth_mib(setup: str, run: str, threads: int | None = None) -> float:
-    """Peak RSS growth (MiB) of `run` after `setup`, both Python source, in a fresh process."""
-    code = _RUNNER.format(bench_dir=os.path.dirname(__file__), setup=textwrap.dedent(setup), run=textwrap.dedent(run))
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
+def cpu_peak_growth_mib(setup: str, run: str, warmup: bool = True) -> float:
+    """Peak RSS growth (MiB) of one `run` after `setup` (both Python source), in a fresh process."""
+    setup, run = textwrap.dedent(setup), textwrap.dedent(run)
+    code = _RUNNER.format(bench_dir=os.path.dirname(os.path.abspath(__file__)), setup=setup,
+                          warmup=run if warmup else "", run=run)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("PEAK_MIB")]
+    if out.returncode != 0 or not lines:
         raise RuntimeError(f"memory subprocess failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mib"]
+    return float(lines[-1].split()[1])
 
 
 def cuda_peak_growth_mib(fn) -> float:
