@@ -195,3 +195,27 @@ def test_lora_run_saves_adapter_and_merged_export(setup):
 
     emb = SentenceTransformer(merged, device="cpu").encode(["open a file"], prompt_name="query")
     assert emb.shape == (1, 32)
+
+
+@pytest.mark.slow
+def test_reference_config_runs_on_cpu_with_only_paths_changed(setup, caplog):
+    """The guide's full config (nccl, FusedAdam, liger, SDPA patching, bf16, global batch 128) runs
+    on this CPU machine: only model/data paths change (plus max_steps and the output folder to keep
+    the test short); each GPU-only setting gives a one-line notice."""
+    root, model, _, _ = setup
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data = os.path.join(here, "examples", "data", "stdlib_train.jsonl")
+    from embedcore.train.config import load_config
+
+    cfg = load_config(os.path.join(here, "examples", "reference_llama3_2_1b.yaml"), [
+        "--model.pretrained_model_name_or_path", model, "--tokenizer.pretrained_model_name_or_path", model,
+        "--dataloader.dataset.data_dir_list", data, "--step_scheduler.max_steps", "1",
+        "--checkpoint.checkpoint_dir", str(root / "run_reference")])
+    caplog.set_level("INFO")
+    result = loop_mod.train(cfg)
+    assert result.step == 1 and math.isfinite(result.last_loss)
+    notices = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for key in ("model.use_liger_kernel", "model.use_sdpa_patching", "optimizer._target_: FusedAdam"):
+        assert sum(m.startswith(key) for m in notices) == 1, (key, notices)
+    assert any("accumulation" in r.getMessage() and "x 32 accumulation" in r.getMessage() for r in caplog.records)
+    assert os.path.isdir(os.path.join(result.export["consolidated"]))
