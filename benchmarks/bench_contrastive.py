@@ -1,0 +1,108 @@
+"""contrastive_loss: ours (cpp on CPU, triton on CUDA) against the torch reference, in one run.
+
+Forward + backward (gradients for q and p), normalised embeddings, temperature 0.02, default
+layout. Cases (B, P, D): (1024, 16384, 256), and (4096, 65536, 128) where the reference's
+[B, P] fp32 scores alone take 1 GiB (its peak is a few times that; it fits in 24 GiB).
+extra_info: peak_mib (CPU: peak-RSS growth of a fresh subprocess over fwd+bwd, after imports,
+inputs and a tiny warm-up call, the high-water mark reset first; CUDA: max_memory_allocated
+growth), gradients_mib (the part of that which is dq and dp, returned by every implementation)
+and gflops (8 B P D / time, the FLOP/s convention of the issue: the forward GEMM plus the
+backward's three, the recompute counted as useful work).
+Few rounds: the big CPU case takes seconds per call on 2 cores.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from memory import cuda_peak_growth_mib
+
+# Like memory.cpu_peak_growth_mib, but the baseline cannot hide memory: freed heap memory goes
+# back to the OS (malloc_trim) and the high-water mark is reset to the current RSS
+# (/proc/self/clear_refs) right before the run. With a plain ru_maxrss delta, memory that setup
+# freed stays resident and is silently reused (it reported 2 MiB for a run that allocates
+# 17 MiB of gradients).
+_RUNNER = """
+import ctypes, gc, json, re
+{setup}
+def status_kib(key):
+    return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status_kib("VmRSS")
+{run}
+print(json.dumps({{"peak_growth_mib": (status_kib("VmHWM") - before) / 1024}}))
+"""
+
+
+def cpu_peak_growth_mib(setup: str, run: str) -> float:
+    """Peak RSS growth (MiB) of `run` after `setup` in a fresh process (Linux)."""
+    code = _RUNNER.format(setup=setup, run=run)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    if out.returncode != 0:
+        raise RuntimeError(f"memory subprocess failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mib"]
+
+SHAPES = {"B1024-P16384-D256": (1024, 16384, 256), "B4096-P65536-D128": (4096, 65536, 128)}
+CUDA = torch.cuda.is_available()
+
+SETUP = """
+import torch
+from embedcore.ops.contrastive import contrastive_loss
+g = torch.Generator(device="{device}").manual_seed(0)
+def unit_rows(n, d):  # normalised in place: no freed temporary may raise the RSS baseline
+    x = torch.randn(n, d, generator=g, device="{device}")
+    x /= x.norm(dim=-1, keepdim=True)
+    return x.to(torch.{dtype}).requires_grad_()  # fp32: no copy (CPU cases are fp32 only)
+def inputs(b, p, d):
+    return unit_rows(b, d), unit_rows(p, d)
+wq, wp = inputs(8, 32, {D})
+contrastive_loss(wq, wp, 0.02, backend="{backend}").backward()  # warm-up: one-time buffers, JIT
+q, p = inputs({B}, {P}, {D})
+"""
+RUN = """
+q.grad = p.grad = None
+loss = contrastive_loss(q, p, 0.02, backend="{backend}")
+loss.backward()
+"""
+
+
+def _params():
+    for shape in SHAPES:
+        for backend in ("torch", "cpp"):
+            yield pytest.param(shape, "float32", backend, "cpu", id=f"{shape}-fp32-cpu-{backend}")
+        for dtype in ("float32", "bfloat16"):
+            for backend in ("torch", "triton"):
+                yield pytest.param(shape, dtype, backend, "cuda", id=f"{shape}-{dtype}-cuda-{backend}",
+                                   marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))
+
+
+@pytest.mark.parametrize("shape, dtype, backend, device", list(_params()))
+def test_contrastive_fwd_bwd(benchmark, shape, dtype, backend, device):
+    B, P, D = SHAPES[shape]
+    fmt = dict(B=B, P=P, D=D, dtype=dtype, device=device, backend=backend)
+    setup, run = SETUP.format(**fmt), RUN.format(**fmt)
+    scope = {}
+    exec(setup, scope)
+    code = compile(run, "bench", "exec")
+
+    def step():
+        exec(code, scope)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    benchmark.group = f"contrastive fwd+bwd {shape} {dtype} {device}"
+    benchmark.extra_info["backend"] = backend
+    benchmark.extra_info["gradients_mib"] = (B + P) * D * torch.finfo(getattr(torch, dtype)).bits / 8 / 2**20
+    if device == "cuda":
+        benchmark.extra_info["peak_mib"] = cuda_peak_growth_mib(step)
+    else:
+        benchmark.extra_info["peak_mib"] = cpu_peak_growth_mib(setup, run)
+    benchmark.pedantic(step, rounds=3, warmup_rounds=0)
+    benchmark.extra_info["gflops"] = 8 * B * P * D / benchmark.stats.stats.median / 1e9
