@@ -25,6 +25,9 @@ Limits, stated honestly:
   input dtype for the gradient GEMMs (one rounding, like any bf16 matmul backward).
 - Accumulation is fp32 (fp64 for fp64 inputs, interpreter only in practice).
 - Ties in the rank are decided on the fp32 scores; s_pos is a separate fp32 dot of the two rows.
+- Offsets are int32: B * D and P * D must stay below 2**31 (P = 65536 at D = 4096 is 2**28).
+- Untested on a GPU so far (no device was lent to the task that wrote them): the interpreter
+  runs every test; benchmarks/gpu.sh runs them, and the CUDA benchmark cases, on CUDA.
 """
 import torch
 import triton
