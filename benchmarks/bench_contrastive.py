@@ -20,11 +20,11 @@ import torch
 
 from memory import cuda_peak_growth_mib
 
-# Like memory.cpu_peak_growth_mib, but the baseline cannot hide memory: freed heap memory goes
-# back to the OS (malloc_trim) and the high-water mark is reset to the current RSS
-# (/proc/self/clear_refs) right before the run. With a plain ru_maxrss delta, memory that setup
-# freed stays resident and is silently reused (it reported 2 MiB for a run that allocates
-# 17 MiB of gradients).
+# Like memory.cpu_peak_growth_mib (high-water mark reset through /proc/self/clear_refs), but
+# freed heap memory is first handed back to the OS (malloc_trim) and the warm-up call is a tiny
+# one: memory a full-size warm-up step freed stays resident in glibc's heap and the measured step
+# silently reuses it. On (1024, 16384, 256) the shared probe reported 1.0 MiB for the cpp run,
+# which allocates 17 MiB of gradients alone; this one reports 21.2 MiB.
 _RUNNER = """
 import ctypes, gc, json, re
 {setup}
