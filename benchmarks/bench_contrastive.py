@@ -10,43 +10,10 @@ and gflops (8 B P D / time, the FLOP/s convention of the issue: the forward GEMM
 backward's three, the recompute counted as useful work).
 Few rounds: the big CPU case takes seconds per call on 2 cores.
 """
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from memory import cuda_peak_growth_mib
-
-# Like memory.cpu_peak_growth_mib (high-water mark reset through /proc/self/clear_refs), but
-# freed heap memory is first handed back to the OS (malloc_trim) and the warm-up call is a tiny
-# one: memory a full-size warm-up step freed stays resident in glibc's heap and the measured step
-# silently reuses it. On (1024, 16384, 256) the shared probe reported 1.0 MiB for the cpp run,
-# which allocates 17 MiB of gradients alone; this one reports 21.2 MiB.
-_RUNNER = """
-import ctypes, gc, json, re
-{setup}
-def status_kib(key):
-    return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
-gc.collect()
-ctypes.CDLL("libc.so.6").malloc_trim(0)
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-before = status_kib("VmRSS")
-{run}
-print(json.dumps({{"peak_growth_mib": (status_kib("VmHWM") - before) / 1024}}))
-"""
-
-
-def cpu_peak_growth_mib(setup: str, run: str) -> float:
-    """Peak RSS growth (MiB) of `run` after `setup` in a fresh process (Linux)."""
-    code = _RUNNER.format(setup=setup, run=run)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
-    if out.returncode != 0:
-        raise RuntimeError(f"memory subprocess failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mib"]
+from memory import cpu_peak_growth_mib, cuda_peak_growth_mib
 
 SHAPES = {"B1024-P16384-D256": (1024, 16384, 256), "B4096-P65536-D128": (4096, 65536, 128)}
 CUDA = torch.cuda.is_available()
@@ -103,6 +70,6 @@ def test_contrastive_fwd_bwd(benchmark, shape, dtype, backend, device):
     if device == "cuda":
         benchmark.extra_info["peak_mib"] = cuda_peak_growth_mib(step)
     else:
-        benchmark.extra_info["peak_mib"] = cpu_peak_growth_mib(setup, run)
+        benchmark.extra_info["peak_mib"] = cpu_peak_growth_mib(setup, run, warmup=False)  # SETUP warms up on tiny inputs
     benchmark.pedantic(step, rounds=3, warmup_rounds=0)
     benchmark.extra_info["gflops"] = 8 * B * P * D / benchmark.stats.stats.median / 1e9

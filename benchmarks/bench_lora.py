@@ -38,7 +38,7 @@ if "{impl}" != "base":  # a trained-looking B, so nothing can shortcut on zeros
     with torch.no_grad():
         lora_b.normal_(0, 0.02)
 """
-RUN = "x.grad = None\nlayer(x).backward(grad)"
+RUN = "layer(x).backward(grad)\nx.grad = None"
 
 IMPLS = {"cpu": (("base", "-"), ("embedcore", "cpp"), ("peft", "-")),
          "cuda": (("base", "-"), ("embedcore", "triton"), ("peft", "-"))}

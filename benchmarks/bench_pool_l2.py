@@ -22,7 +22,7 @@ mask = (torch.arange(S)[None, :] < lengths[:, None]).long().to("{device}")
 grad = torch.randn(B, D, dtype=torch.{dtype}, device="{device}")
 """
 RUN_FWD = "with torch.no_grad():\n    out = embedcore.pool_l2(hidden, mask, 'avg', backend='{backend}')"
-RUN_FWD_BWD = "hidden.grad = None; out = embedcore.pool_l2(hidden, mask, 'avg', backend='{backend}'); out.backward(grad)"
+RUN_FWD_BWD = "out = embedcore.pool_l2(hidden, mask, 'avg', backend='{backend}'); out.backward(grad); hidden.grad = None"
 
 
 def _case(dtype, device):

@@ -1,7 +1,8 @@
 """Peak-memory measurement for the benchmarks.
 
 CPU: the case runs in a fresh subprocess: set-up, one warm-up step (imports, inputs and
-one-time buffers then do not count), a reset of the process's high-water RSS through
+one-time buffers then do not count), malloc_trim so that memory the warm-up freed is
+returned to the OS rather than silently reused, a reset of the process's high-water RSS through
 /proc/self/clear_refs, one measured step. The growth of VmHWM over the RSS just before the step
 is what the step needed; allocator caches of earlier cases cannot hide or inflate anything.
 CUDA: torch.cuda.max_memory_allocated above the memory held before the step.
@@ -24,6 +25,9 @@ def _kib(field):
         if line.startswith(field):
             return int(line.split()[1])
 {warmup}
+import ctypes, gc
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the warm-up's freed heap back, so the step cannot reuse it unseen
 open("/proc/self/clear_refs", "w").write("5")
 _before = _kib("VmRSS:")
 {run}
