@@ -171,13 +171,13 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm if max_norm is not None else math.inf)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def _validate(self) -> dict | None:
+    def _validate(self, epoch: int | None = None) -> dict | None:
         if self.val_set is None:
             return None
         self._check_finite()
         m = run_validation(self.model, self.val_set, self.val_collator, self.val_batch, self.cfg.temperature,
                            self.info, self.autocast)
-        record = {"step": self.step, "epoch": self.epoch, **m}
+        record = {"step": self.step, "epoch": self.epoch if epoch is None else epoch, **m}
         self.logger.validation(record)
         return record
 
@@ -238,7 +238,7 @@ class Trainer:
                 self._check_finite()
                 t0, steps_in_interval = time.perf_counter(), 0
             if s.val_every_steps and self.step % s.val_every_steps == 0:
-                result.validations.append(self._validate())
+                result.validations.append(self._validate(epoch_of_step))
                 last_validated = self.step
             if s.ckpt_every_steps and self.step % s.ckpt_every_steps == 0:
                 result.checkpoint = self._save()
