@@ -23,8 +23,10 @@ def setup(tmp_path_factory):
     return root, model, train
 
 
-def _config(root, model, train, name, **steps):
+def _config(root, model, train, name, lora=False, **steps):
     data = base_config(model, train, None, str(root / name), num_epochs=2, ckpt_every_steps=2, **steps)
+    if lora:  # LoRA with dropout: the RNG state must come back exactly for the masks to match
+        data["peft"] = {"target_modules": ["q_proj", "v_proj", "gate_proj"], "dim": 4, "alpha": 8, "dropout": 0.2}
     # warmup + cosine over an explicit horizon, so that max_steps does not change the schedule
     data["lr_scheduler"] = {"lr_warmup_steps": 2, "lr_decay_style": "cosine", "lr_decay_steps": 4, "min_lr": 1e-4}
     data["model"]["share_encoder"] = False  # both encoders and their optimizer state go through the checkpoint
@@ -36,26 +38,29 @@ def _final_weights(folder):
 
 
 @pytest.mark.slow
-def test_interrupted_and_resumed_run_matches_uninterrupted(setup):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora_dropout"])
+def test_interrupted_and_resumed_run_matches_uninterrupted(setup, lora):
     root, model, train = setup
-    full = loop_mod.train(config_from_dict(_config(root, model, train, "full")))
+    tag = "lora" if lora else "ft"
+    full = loop_mod.train(config_from_dict(_config(root, model, train, f"full_{tag}", lora)))
     assert full.step == 6
     # "killed" after the step-4 checkpoint: a run that stops at 4, then the same command resumed from LATEST
-    first = loop_mod.train(config_from_dict(_config(root, model, train, "parts", max_steps=4)))
+    first = loop_mod.train(config_from_dict(_config(root, model, train, f"parts_{tag}", lora, max_steps=4)))
     assert first.step == 4
-    data = _config(root, model, train, "parts")
+    data = _config(root, model, train, f"parts_{tag}", lora)
     data["checkpoint"]["restore_from"] = "LATEST"
     resumed = loop_mod.train(config_from_dict(data))
     assert resumed.step == 6
     want, got = _final_weights(full.checkpoint), _final_weights(resumed.checkpoint)
     assert want.keys() == got.keys() and any(k.startswith("passage_encoder.") for k in want)
+    assert all("lora_" in k for k in want) == lora
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
     # the log of the resumed run continues the interrupted one: steps 1..6 once each
-    steps = [json.loads(line)["step"] for line in open(root / "parts" / "training.jsonl")]
+    steps = [json.loads(line)["step"] for line in open(root / f"parts_{tag}" / "training.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 6]
     # and the weights really moved (the comparison is not vacuous)
-    start = load_file(os.path.join(root / "full" / "step_2", "model", "model.safetensors"))
+    start = load_file(os.path.join(root / f"full_{tag}" / "step_2", "model", "model.safetensors"))
     assert any(not torch.equal(start[k], want[k]) for k in want)
 
 
