@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
                     reason="torchrun not found")
-def test_two_ranks_equal_one_rank(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_ranks_equal_one_rank(tmp_path, lora):
     model = make_model(str(tmp_path / "model"))
     train = write_dataset(str(tmp_path / "train.jsonl"), 24)
     val = write_dataset(str(tmp_path / "val.jsonl"), 7, seed=1)
@@ -33,6 +34,9 @@ def test_two_ranks_equal_one_rank(tmp_path):
                            max_steps=3, val_every_steps=3, ckpt_every_steps=3)
         data["checkpoint"]["save_consolidated"] = True
         data["model"]["share_encoder"] = False
+        if lora:
+            data["peft"] = {"target_modules": ["q_proj", "v_proj"], "dim": 4, "alpha": 8}
+            data["checkpoint"]["export_merged_lora"] = True
         return data
 
     # 2 ranks x 2 queries x 2 accumulation steps vs 1 rank x 4 queries x 2 accumulation steps
@@ -67,6 +71,18 @@ def test_two_ranks_equal_one_rank(tmp_path):
     exp = tmp_path / "two" / "step_3" / "model" / "consolidated"
     q = load_file(str(exp / "model.safetensors"))
     p = load_file(str(exp / "passage_encoder" / "model.safetensors"))
+    if lora:  # the checkpoints hold the adapters; the sharded run exported them and a merged model
+        assert all("lora_" in k for k in want)
+        ad = tmp_path / "two" / "step_3" / "model" / "adapter"
+        assert (ad / "adapter_model.safetensors").exists() and (ad / "passage_encoder" / "adapter_config.json").exists()
+        a = load_file(str(ad / "adapter_model.safetensors"))
+        mine = {k: v for k, v in got.items() if k.startswith("query_encoder.")}  # the 2-rank run's own factors
+        assert len(a) == len(mine) > 0
+        for k, v in mine.items():
+            peft_key = "base_model.model." + k[len("query_encoder."):]
+            assert torch.equal(a[peft_key], v), k
+        assert set(q) and not any("lora" in k for k in q)
+        return
     for k, v in q.items():
         torch.testing.assert_close(v, want[f"query_encoder.{k}"], rtol=1e-4, atol=1e-5)
     for k, v in p.items():

@@ -1,0 +1,16 @@
+"""The trainer behind `python train.py config.yaml` (see examples/quickstart.yaml).
+
+    config.py        typed sections of the reference recipe's YAML, overrides, `_target_` mapping
+    distributed.py   process group (torchrun or single process), FSDP2 wrapping, gathers with gradients
+    build.py         model, tokenizer, LoRA, datasets and loaders from the config
+    losses.py        global-batch InfoNCE (contrastive_loss), colbert MaxSim, per-group validation metrics
+    optim.py         AdamW and the warmup-then-decay schedule
+    loop.py          Trainer / train(): the step, logging, validation and checkpoint cadence
+    validation.py    val_loss, val_acc1, val_mrr reduced over ranks
+    checkpoint.py    atomic step folders, LATEST, resume (safetensors + JSON, nothing pickled)
+    export.py        the final sentence-transformers folder, LoRA adapter and merged export
+    logging.py       the log lines and training.jsonl / validation.jsonl
+    cli.py           the command line
+
+Modules are imported on use: `import embedcore.train` is cheap.
+"""
