@@ -23,8 +23,9 @@ def setup(tmp_path_factory):
     return root, model, train
 
 
-def _config(root, model, train, name, lora=False, **steps):
+def _config(root, model, train, name, lora=False, workers=0, **steps):
     data = base_config(model, train, None, str(root / name), num_epochs=2, ckpt_every_steps=2, **steps)
+    data["dataloader"]["num_workers"] = workers  # workers prefetch: the position is the loop's own count
     if lora:  # LoRA with dropout: the RNG state must come back exactly for the masks to match
         data["peft"] = {"target_modules": ["q_proj", "v_proj", "gate_proj"], "dim": 4, "alpha": 8, "dropout": 0.2}
     # warmup + cosine over an explicit horizon, so that max_steps does not change the schedule
@@ -38,16 +39,16 @@ def _final_weights(folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora_dropout"])
-def test_interrupted_and_resumed_run_matches_uninterrupted(setup, lora):
+@pytest.mark.parametrize("lora, workers", [(False, 0), (True, 0), (False, 2)], ids=["full", "lora_dropout", "workers"])
+def test_interrupted_and_resumed_run_matches_uninterrupted(setup, lora, workers):
     root, model, train = setup
-    tag = "lora" if lora else "ft"
-    full = loop_mod.train(config_from_dict(_config(root, model, train, f"full_{tag}", lora)))
+    tag = f"{'lora' if lora else 'ft'}{workers}"
+    full = loop_mod.train(config_from_dict(_config(root, model, train, f"full_{tag}", lora, workers)))
     assert full.step == 6
     # "killed" after the step-4 checkpoint: a run that stops at 4, then the same command resumed from LATEST
-    first = loop_mod.train(config_from_dict(_config(root, model, train, f"parts_{tag}", lora, max_steps=4)))
+    first = loop_mod.train(config_from_dict(_config(root, model, train, f"parts_{tag}", lora, workers, max_steps=4)))
     assert first.step == 4
-    data = _config(root, model, train, f"parts_{tag}", lora)
+    data = _config(root, model, train, f"parts_{tag}", lora, workers)
     data["checkpoint"]["restore_from"] = "LATEST"
     resumed = loop_mod.train(config_from_dict(data))
     assert resumed.step == 6
