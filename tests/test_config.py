@@ -98,6 +98,10 @@ def test_bad_overrides_name_the_key(tmp_path, overrides, key):
     ({"dataloader": {"dataset": {"data_dir_list": ["a"]}}}, "model.pretrained_model_name_or_path"),
     (_minimal(validation_dataloader={"dataset": {"data_dir_list": ["v"], "data_type": "train"}}),
      "validation_dataloader.dataset.data_type"),
+    # inside an optional section the error names the inner key, not just the section
+    (_minimal(peft={"dim": "eight"}), "peft.dim: expected an integer"),
+    (_minimal(validation_dataloader={"dataset": {"data_dir_list": ["v"]}, "batch_size": "x"}),
+     "validation_dataloader.batch_size: expected an integer"),
 ])
 def test_bad_values_name_the_key(tmp_path, data, key):
     with pytest.raises(C.ConfigError, match=key.replace(".", r"\.")):

@@ -1,6 +1,7 @@
 """Two ranks (torchrun, gloo, FSDP2) equal one rank with the same global batch: same final
-weights, same validation metrics (each validation query counted once), and the export works
-from the sharded model."""
+weights, same validation metrics (each validation query counted once), the export works
+from the sharded model, and the end-of-training retrieval evaluation (collective on every rank)
+gives the numbers of evaluating the export directly."""
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from train_fixture import base_config, make_model, write_dataset
+from train_fixture import base_config, make_model, write_beir, write_dataset
 
 from embedcore.train import loop as loop_mod
 from embedcore.train.config import config_from_dict
@@ -28,12 +29,15 @@ def test_two_ranks_equal_one_rank(tmp_path, lora):
     model = make_model(str(tmp_path / "model"))
     train = write_dataset(str(tmp_path / "train.jsonl"), 24)
     val = write_dataset(str(tmp_path / "val.jsonl"), 7, seed=1)
+    beir = write_beir(str(tmp_path / "beir"), n_queries=7)  # 7 queries: the ranks encode unequal shares
+    metrics = ["ndcg@10", "mrr@10", "recall@5"]
 
     def config(name, local):
         data = base_config(model, train, val, str(tmp_path / name), global_batch_size=8, local_batch_size=local,
                            max_steps=3, val_every_steps=3, ckpt_every_steps=3)
         data["checkpoint"]["save_consolidated"] = True
         data["model"]["share_encoder"] = False
+        data["evaluation"] = {"data": beir, "metrics": metrics, "batch_size": 4}
         if lora:
             data["peft"] = {"target_modules": ["q_proj", "v_proj"], "dim": 4, "alpha": 8}
             data["checkpoint"]["export_merged_lora"] = True
@@ -63,10 +67,19 @@ def test_two_ranks_equal_one_rank(tmp_path, lora):
 
     for a, b in zip(records("one", "training.jsonl"), records("two", "training.jsonl")):
         assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
-    (va,), (vb,) = records("one", "validation.jsonl"), records("two", "validation.jsonl")
+    (va, ea), (vb, eb) = records("one", "validation.jsonl"), records("two", "validation.jsonl")
     assert va["val_queries"] == vb["val_queries"] == 7
     for key in ("val_loss", "val_acc1", "val_mrr"):
         assert va[key] == pytest.approx(vb[key], rel=1e-4, abs=1e-6), key
+    # the retrieval evaluation at the end: logged once (rank 0), the same as evaluating the export here
+    from embedcore.evaluate import evaluate_model
+
+    assert proc.stdout.count(" | eval ndcg@10 ") == 1
+    assert eb["step"] == 3 and eb["num_queries"] == 7 and eb["num_corpus"] == 18 and ea == one.evaluation
+    direct = evaluate_model(eb["model"], beir, "test", metrics=metrics, batch_size=4)
+    for key in metrics:
+        assert eb[key] == pytest.approx(direct[key], abs=1e-6), key
+        assert eb[key] == pytest.approx(ea[key], abs=1e-6), key
     # the export from the sharded run holds the same query and passage encoders
     exp = tmp_path / "two" / "step_3" / "model" / "consolidated"
     q = load_file(str(exp / "model.safetensors"))

@@ -67,3 +67,26 @@ def base_config(model: str, train: str, val: str | None, ckpt: str, **steps) -> 
             "dataset": {"data_dir_list": [val], "data_type": "eval"}, "batch_size": 3, "shuffle": False,
             "collate_fn": {"q_max_len": 16, "p_max_len": 16, "query_prefix": "query:", "passage_prefix": "passage:"}}
     return cfg
+
+
+def write_beir(folder: str, n_queries: int = 12, docs_per_topic: int = 3, seed: int = 2) -> str:
+    """A tiny BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv and qrels/dev.tsv): each
+    query is relevant to the documents of its topic; dev holds the first half of the queries."""
+    rng = random.Random(seed)
+    names = sorted(TOPICS)
+    os.makedirs(os.path.join(folder, "qrels"), exist_ok=True)
+    with open(os.path.join(folder, "corpus.jsonl"), "w") as f:
+        for t in names:
+            for j in range(docs_per_topic):
+                f.write(json.dumps({"_id": f"{t}-{j}", "title": t, "text": " ".join(rng.sample(TOPICS[t].split(), 5))}) + "\n")
+    qrels = []
+    with open(os.path.join(folder, "queries.jsonl"), "w") as f:
+        for i in range(n_queries):
+            t = names[i % len(names)]
+            f.write(json.dumps({"_id": f"q{i}", "text": " ".join(rng.sample(TOPICS[t].split(), 3))}) + "\n")
+            qrels += [(f"q{i}", f"{t}-{j}") for j in range(docs_per_topic)]
+    for split, rows in (("test", qrels), ("dev", qrels[: len(qrels) // 2])):
+        with open(os.path.join(folder, "qrels", f"{split}.tsv"), "w") as f:
+            f.write("query-id\tcorpus-id\tscore\n")
+            f.writelines(f"{q}\t{d}\t1\n" for q, d in rows)
+    return folder

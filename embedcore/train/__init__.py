@@ -9,6 +9,7 @@
     validation.py    val_loss, val_acc1, val_mrr reduced over ranks
     checkpoint.py    atomic step folders, LATEST, resume (safetensors + JSON, nothing pickled)
     export.py        the final sentence-transformers folder, LoRA adapter and merged export
+    evaluation.py    the optional retrieval evaluation of that export at the end (embedcore.evaluate)
     logging.py       the log lines and training.jsonl / validation.jsonl
     cli.py           the command line
 

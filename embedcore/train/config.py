@@ -295,6 +295,32 @@ class PeftConfig:
     """Use the fused lora_linear op (on CPU its C++ kernel; the flag keeps the reference's name)."""
 
 
+# The metrics of `python -m embedcore.evaluate` (embedcore.retrieval.metrics.DEFAULT_METRICS; a
+# test checks they agree). Spelled out here so that reading a config does not import torch.
+DEFAULT_EVAL_METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
+EVAL_METRIC_KINDS = ("ndcg", "mrr", "recall", "map", "accuracy", "precision")
+
+
+@dataclass
+class EvaluationConfig:
+    """Full-corpus retrieval evaluation of the final export (embedcore.evaluate.evaluate_model)
+    after training: one log line and one record in validation.jsonl. Needs the consolidated
+    export (checkpoint.save_consolidated; LoRA runs: checkpoint.export_merged_lora)."""
+    data: str = ""
+    """A BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), a corpus-ID JSON or an
+    inline JSONL data file: what `python -m embedcore.evaluate --data` accepts."""
+    split: str = "test"
+    """BEIR qrels split (qrels/<split>.tsv); ignored for our data files."""
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_METRICS))
+    """KIND@K names, KIND one of ndcg, mrr, recall, map, accuracy, precision."""
+    batch_size: int = 128
+    """Texts per forward pass while encoding the corpus and the queries."""
+    max_length: Optional[int] = None
+    """Token limit (None: the export's max_seq_length, the larger of q_max_len and p_max_len)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the evaluated model's weights and compute."""
+
+
 @dataclass
 class TrainConfig:
     seed: int = 42
@@ -327,6 +353,8 @@ class TrainConfig:
     """Parallelism."""
     peft: Optional[PeftConfig] = None
     """LoRA (optional): only adapter weights are trained."""
+    evaluation: Optional[EvaluationConfig] = None
+    """Retrieval evaluation of the export at the end of training (optional)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,6 +386,9 @@ def _convert(value, tp, key: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:  # Optional[X]: X's own error names the inner key (peft.dim, not peft)
+            return _convert(value, others[0], key)
         for arg in args:
             if arg is type(None):
                 continue
@@ -604,6 +635,34 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"dist_env.backend: expected nccl or gloo, got {cfg.dist_env.backend!r}")
     if cfg.checkpoint.restore_from is not None and not cfg.checkpoint.restore_from:
         raise ConfigError("checkpoint.restore_from: empty; use LATEST or a step folder")
+    if cfg.evaluation is not None:
+        _validate_evaluation(cfg)
+
+
+def _validate_evaluation(cfg: TrainConfig) -> None:
+    ev = cfg.evaluation
+    if not ev.data:
+        raise ConfigError("evaluation.data: required (a BEIR folder or a .json/.jsonl data file)")
+    if not ev.split:
+        raise ConfigError("evaluation.split: empty; use the name of a qrels file (test, dev, ...)")
+    if not ev.metrics:
+        raise ConfigError("evaluation.metrics: at least one metric (KIND@K) is required")
+    for i, name in enumerate(ev.metrics):
+        kind, _, k = name.partition("@")
+        if kind not in EVAL_METRIC_KINDS or not k.isdigit() or int(k) < 1:
+            raise ConfigError(f"evaluation.metrics[{i}]: {name!r} is not KIND@K with KIND one of "
+                              f"{', '.join(EVAL_METRIC_KINDS)} and K >= 1")
+    _positive("evaluation.batch_size", ev.batch_size)
+    _positive("evaluation.max_length", ev.max_length)
+    # It evaluates the exported folder, so that folder has to be written.
+    if not cfg.checkpoint.enabled or not cfg.checkpoint.save_consolidated:
+        raise ConfigError("evaluation: evaluates the final export; it needs checkpoint.enabled and "
+                          "checkpoint.save_consolidated true")
+    if cfg.peft is not None and not cfg.checkpoint.export_merged_lora:
+        raise ConfigError("evaluation: LoRA runs export a loadable model only with checkpoint.export_merged_lora: true")
+    if cfg.model.pooling == "colbert":
+        raise ConfigError("evaluation: model.pooling colbert (multi-vector) cannot be evaluated by single-vector "
+                          "retrieval; remove the evaluation section")
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
     step 10 | epoch 0 | loss 2.1543 | grad_norm 1.2345 | lr 5.00e-06 | mem 24.50 GiB | time 3.21s | tokens/s 12345
     step 30 | epoch 0 | val_loss 1.1230 | val_acc1 0.7820 | val_mrr 0.8450
+    step 30 | epoch 0 | eval ndcg@10 0.4123 | mrr@10 0.3810 | ... | queries 200 | corpus 982   (evaluation: section)
 
 Lines go through the root logger (INFO:root:... with logging.basicConfig, as in the guide);
 the same records are appended to training.jsonl / validation.jsonl in the checkpoint folder.
@@ -51,6 +52,13 @@ def format_val_line(r: dict) -> str:
             f"val_acc1 {r['val_acc1']:.4f} | val_mrr {r['val_mrr']:.4f}")
 
 
+def format_eval_line(r: dict, metrics) -> str:
+    """The end-of-training retrieval evaluation (embedcore.evaluate's own line after the position)."""
+    from embedcore.evaluate import format_metrics
+
+    return f"step {r['step']} | epoch {r['epoch']} | eval {format_metrics(r, metrics)}"
+
+
 class RunLogger:
     """Writes log lines and JSONL records (rank 0 only)."""
 
@@ -94,6 +102,12 @@ class RunLogger:
     def validation(self, record: dict) -> None:
         if self.is_main:
             log.info(format_val_line(record))
+            self._append(VAL_FILE, record)
+
+    def evaluation(self, record: dict, metrics) -> None:
+        """A retrieval evaluation record (its metrics, num_queries, num_corpus, data, split...)."""
+        if self.is_main:
+            log.info(format_eval_line(record, metrics))
             self._append(VAL_FILE, record)
 
 

@@ -21,7 +21,9 @@ import torch
 from embedcore.train import build
 from embedcore.train.checkpoint import latest_folder, load_checkpoint, resolve_restore, save_checkpoint
 from embedcore.train.config import TrainConfig, to_dict
-from embedcore.train.distributed import DistInfo, all_reduce_sum, destroy_distributed, init_distributed, shard_model
+from embedcore.train.distributed import (DistInfo, all_reduce_sum, barrier, destroy_distributed, init_distributed,
+                                         shard_model)
+from embedcore.train.evaluation import check_evaluation_data, run_final_evaluation
 from embedcore.train.export import export_final
 from embedcore.train.logging import ProgressBar, RunLogger, peak_memory_gib, setup_logging
 from embedcore.train.losses import colbert_train_loss, pooled_train_loss
@@ -43,6 +45,7 @@ class RunResult:
     export: dict = field(default_factory=dict)
     validations: list = field(default_factory=list)
     last_loss: float = float("nan")
+    evaluation: dict | None = None  # the end-of-training retrieval metrics (evaluation: section)
 
 
 def steps_per_epoch(n_examples: int, local: int, world: int, accum: int) -> int:
@@ -99,6 +102,8 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * s.num_epochs
         if s.max_steps is not None:  # whichever ends first: max_steps or num_epochs
             self.total_steps = min(self.total_steps, s.max_steps)
+        if cfg.evaluation is not None:
+            check_evaluation_data(cfg.evaluation)  # before training, not after it
         self.val_set = self.val_collator = None
         if cfg.validation_dataloader is not None:
             self.val_set = build.build_dataset(cfg, cfg.validation_dataloader, train=False)
@@ -251,6 +256,8 @@ class Trainer:
             if last_saved != self.step or result.checkpoint is None:
                 result.checkpoint = self._save() if last_saved != self.step else latest_folder(self.ckpt_dir)
             result.export = export_final(self, result.checkpoint)
+        if cfg.evaluation is not None:  # config validation made sure the consolidated export exists
+            result.evaluation = run_final_evaluation(self, result.export["consolidated"])
         result.step = self.step
         return result
 
@@ -274,7 +281,14 @@ def train(cfg: TrainConfig) -> RunResult:
     info = init_distributed(cfg.dist_env.backend, cfg.dist_env.timeout_minutes)
     setup_logging(info.is_main)
     try:
-        return Trainer(cfg, info).run()
+        result = Trainer(cfg, info).run()
+        # Leave together. A gloo worker thread drops its reference to the last collective's
+        # tensors after the caller has returned from it, and needs the GIL for that; a rank that
+        # went straight from its last all_gather (the end-of-training evaluation) to exit
+        # aborted in interpreter shutdown ("terminate called without an active exception") in
+        # about 1 run in 6 here. Waiting in a barrier releases the GIL until every rank is done.
+        barrier(info)
+        return result
     finally:
         destroy_distributed(info)
 
