@@ -190,3 +190,81 @@ def test_cpp_kernel_checks_positive_range_itself():
 
     with pytest.raises(RuntimeError, match="out of range"):
         cpp_ops().contrastive_forward(torch.randn(2, 4), torch.randn(4, 4), torch.tensor([0, 4]), None, 50.0)
+
+
+def _forbid_host_reads(monkeypatch):
+    """Reading a tensor's value back on the host (int(), .item(), bool(), .tolist()) raises."""
+    def read(*_a, **_k):
+        raise AssertionError("a tensor value was read back on the host")
+
+    for name in ("__int__", "__index__", "__bool__", "__float__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+
+def test_positive_range_check_off_the_host_is_a_device_assert(monkeypatch):
+    """Where host reads are not free (CUDA) the range check reads nothing back and asserts on the
+    device; shown on CPU tensors with the device check mocked (torch._assert_async raises at once
+    on CPU, so its condition and message are checked too)."""
+    import embedcore.ops.contrastive as mod
+
+    q, p = torch.randn(4, 8), torch.randn(12, 8)
+    monkeypatch.setattr(mod, "_host_reads_are_free", lambda device: False)
+    calls = []
+    real_assert = torch._assert_async
+
+    def recording_assert(cond, *msg):
+        calls.append(cond)
+        return real_assert(cond, *msg)
+
+    monkeypatch.setattr(torch, "_assert_async", recording_assert)
+    with monkeypatch.context() as m:
+        _forbid_host_reads(m)
+        mod._check(q, p, 0.02, torch.tensor([0, 3, 6, 11]), None)  # in range: no error, nothing read back
+    assert len(calls) == 1 and calls[0].dtype == torch.bool and calls[0].shape == ()
+    for bad in ([0, 3, 6, 12], [0, -1, 6, 9]):
+        with pytest.raises(RuntimeError, match=r"positive_index out of range for P=12 passages"):
+            mod._check(q, p, 0.02, torch.tensor(bad), None)
+    # and on the host the check is the readable ValueError naming the value
+    monkeypatch.setattr(mod, "_host_reads_are_free", lambda device: True)
+    with pytest.raises(ValueError, match="positive_index holds 12, out of range for P=12"):
+        mod._check(q, p, 0.02, torch.tensor([0, 3, 6, 12]), None)
+
+
+def _cuda_explicit_layout(B=4, P=12, D=16):
+    q, p = _inputs(B, P, D, seed=5)
+    pos = torch.tensor([1, 4, 7, 10], device="cuda")
+    return q.cuda().requires_grad_(), p.cuda().requires_grad_(), pos, torch.arange(P, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_input_checks_on_cuda_do_not_synchronise():
+    """The checks of the multi-rank training step's call (explicit positive_index, passage ids)
+    under CUDA's sync debug mode set to error: any host read raises."""
+    import embedcore.ops.contrastive as mod
+
+    q, p, pos, ids = _cuda_explicit_layout()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mod._check(q, p, 0.05, pos, ids)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()  # the device-side assert passed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or "triton" not in BACKENDS, reason="needs CUDA and triton")
+def test_explicit_layout_on_cuda_does_not_synchronise():
+    """The whole op as training runs it on CUDA (triton), forward and backward, without a host sync."""
+    q, p, pos, ids = _cuda_explicit_layout()
+    warm = contrastive_loss(q, p, 0.05, positive_index=pos, passage_ids=ids, backend="triton")
+    torch.autograd.grad(warm, (q, p))  # compile the kernels outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = contrastive_loss(q, p, 0.05, positive_index=pos, passage_ids=ids, backend="triton")
+        dq, dp = torch.autograd.grad(loss, (q, p))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ref = contrastive_loss_reference(q.detach().double(), p.detach().double(), 0.05, positive_index=pos, passage_ids=ids)
+    assert torch.isfinite(dq).all() and torch.isfinite(dp).all()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-5)

@@ -76,6 +76,28 @@ def _shape(t):
     return tuple(getattr(t, "shape", ()))
 
 
+def _host_reads_are_free(device: torch.device) -> bool:
+    """True where reading a value back costs nothing (CPU); on an accelerator it waits for the stream."""
+    return device.type == "cpu"
+
+
+def _check_positive_range(positive_index: torch.Tensor, P: int) -> None:
+    """0 <= positive_index < P. On CPU a ValueError naming the bad value. Elsewhere (CUDA) a
+    device-side assert: reading min/max back would make every micro-step of a multi-rank training
+    run (which passes an explicit layout) wait for the GPU; a bad index stops the CUDA context with
+    this message at the next synchronisation, before any result is read."""
+    if _host_reads_are_free(positive_index.device):
+        lo, hi = int(positive_index.min()), int(positive_index.max())
+        if lo < 0 or hi >= P:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"contrastive_loss: positive_index holds {bad}, out of range for P={P} passages "
+                             f"(expected 0 <= index < {P})")
+        return
+    in_range = ((positive_index >= 0) & (positive_index < P)).all()
+    torch._assert_async(in_range, f"contrastive_loss: positive_index out of range for P={P} passages "
+                                  f"(expected 0 <= index < {P})")
+
+
 def _check(q, p, temperature, positive_index, passage_ids):
     if not isinstance(q, torch.Tensor) or q.dim() != 2:
         raise ValueError(f"contrastive_loss: q must be a [B, D] tensor, got shape {_shape(q)}")
@@ -105,10 +127,7 @@ def _check(q, p, temperature, positive_index, passage_ids):
             raise ValueError(f"contrastive_loss: positive_index must be of an integer dtype (int64), got {positive_index.dtype}")
         if positive_index.device != q.device:
             raise ValueError(f"contrastive_loss: positive_index is on {positive_index.device}, q on {q.device}")
-        lo, hi = int(positive_index.min()), int(positive_index.max())  # one host sync, explicit layouts only
-        if lo < 0 or hi >= P:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"contrastive_loss: positive_index holds {bad}, out of range for P={P} passages (expected 0 <= index < {P})")
+        _check_positive_range(positive_index, P)
     if passage_ids is not None:
         if not isinstance(passage_ids, torch.Tensor) or tuple(passage_ids.shape) != (P,):
             raise ValueError(f"contrastive_loss: passage_ids must be a [P] = [{P}] tensor (one id per passage), got shape {_shape(passage_ids)}")
