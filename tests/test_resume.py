@@ -1,6 +1,8 @@
-"""Kill and resume: a run interrupted after a checkpoint and resumed from LATEST ends with the same
+"""Stop and resume: a run interrupted after a checkpoint and resumed from LATEST ends with the same
 weights as an uninterrupted run (CPU, fp32, same seed), and a crash mid-save never leaves a
-folder that looks complete."""
+folder that looks complete. Here the interruption is max_steps / a raised error in-process (full,
+LoRA with dropout, DataLoader workers); tests/test_resume_kill.py really SIGKILLs a training
+subprocess, after a checkpoint and in the middle of a save."""
 import json
 import os
 
