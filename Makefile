@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # Serialises concurrent builds of the extension (several shells share one build folder).
 LOCK := flock /tmp/embedcore-build.lock
 
-.PHONY: venv install build test test-fast quickstart bench bench-gpu clean info
+.PHONY: venv install build test quickstart bench clean info
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)

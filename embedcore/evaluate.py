@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_model(args.model, args.data, args.split, metrics=metrics, batch_size=args.batch_size,
                                 max_length=args.max_length, query_prefix=args.query_prefix,
                                 passage_prefix=args.passage_prefix, dtype=args.dtype)
+        D.barrier()  # no rank tears the group down while gloo still frees another's last collective
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"embedcore.evaluate: error: {e}", file=sys.stderr)
         return 2

@@ -82,7 +82,7 @@ def _type_hints():
 
 def load_mining_config(path: Optional[str], overrides: list[str]) -> MiningConfig:
     """YAML file (a `mining:` section, optional) + `--mining.KEY VALUE` overrides -> MiningConfig."""
-    from embedcore.train.config import ConfigError, build_section, parse_override_value
+    from embedcore.train.config import ConfigError, build_section, parse_override_value, split_overrides
 
     data: dict = {}
     if path is not None:
@@ -97,19 +97,7 @@ def load_mining_config(path: Optional[str], overrides: list[str]) -> MiningConfi
             raise ConfigError(f"{path}: expected a single top-level section 'mining'")
     section = dict(data.get("mining") or {})
     hints = _type_hints()
-    i = 0
-    while i < len(overrides):
-        arg = overrides[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"argument {arg!r}: expected --mining.KEY VALUE")
-        if "=" in arg:
-            key, text = arg[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(overrides):
-                raise ConfigError(f"override {arg}: missing a value")
-            key, text = arg[2:], overrides[i + 1]
-            i += 2
+    for key, text in split_overrides(overrides):
         name = key.split(".", 1)[1] if key.startswith("mining.") else None
         if name not in hints:
             raise ConfigError(f"{key}: unknown key (known: {', '.join('mining.' + n for n in hints)})")
@@ -310,6 +298,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         config, overrides = parse_args(argv)
         cfg = load_mining_config(config, overrides)
         run_mining(cfg)
+        D.barrier()  # no rank tears the group down while gloo still frees another's last collective
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
         print(f"embedcore.mine: error: {e}", file=sys.stderr)
         return 2

@@ -494,21 +494,27 @@ def parse_override_value(text: str, tp):
         return text
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `--a.b.c value` (or `--a.b.c=value`) pairs to the raw mapping `data` (in place)."""
-    i = 0
+def split_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    """`--a.b value` / `--a.b=value` command-line words as (dotted key, value text) pairs."""
+    pairs, i = [], 0
     while i < len(overrides):
         arg = overrides[i]
         if not arg.startswith("--"):
             raise ConfigError(f"override {arg!r}: expected --dotted.key value")
         if "=" in arg:
-            key, text = arg[2:].split("=", 1)
+            pairs.append(tuple(arg[2:].split("=", 1)))
             i += 1
         else:
             if i + 1 >= len(overrides):
                 raise ConfigError(f"override {arg}: missing a value")
-            key, text = arg[2:], overrides[i + 1]
+            pairs.append((arg[2:], overrides[i + 1]))
             i += 2
+    return pairs
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `--a.b.c value` (or `--a.b.c=value`) pairs to the raw mapping `data` (in place)."""
+    for key, text in split_overrides(overrides):
         parts = key.split(".")
         tp = _field_type(TrainConfig, parts, key)
         node = data
