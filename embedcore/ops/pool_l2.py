@@ -90,39 +90,36 @@ def _impl(name):
 
 
 class PoolL2Function(torch.autograd.Function):
-    """Pooled modes: the backend computes the fp32 pre-norm vector once; backward reuses it."""
+    """The one autograd.Function of pool_l2, for every non-torch backend.
+
+    Pooled modes: `weights` are the [B, S] pooling weights; the backend returns the output and
+    the fp32 pre-norm vector [B, D], which backward reuses (hidden is not kept).
+    colbert: `weights` is the [B, S] 0/1 token mask; backward recomputes the token norms from
+    hidden, which is kept instead.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weights, normalize, eps, backend):
+    def forward(ctx, hidden, weights, normalize, eps, colbert, backend):
         impl = _impl(backend)
+        ctx.meta = (impl, normalize, eps, colbert, hidden.shape, hidden.dtype)
+        if colbert:
+            ctx.save_for_backward(hidden, weights)
+            return impl.colbert_forward(hidden, weights, normalize, eps)
         out, pooled = impl.pool_forward(hidden, weights, normalize, eps)
         ctx.save_for_backward(weights, pooled)
-        ctx.meta = (impl, normalize, eps, hidden.shape, hidden.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        weights, pooled = ctx.saved_tensors
-        impl, normalize, eps, shape, dtype = ctx.meta
-        grad = impl.pool_backward(grad_out.contiguous(), weights, pooled, normalize, eps, shape, dtype)
-        return grad, None, None, None, None
-
-
-class ColbertL2Function(torch.autograd.Function):
-    """colbert: per-token normalisation; backward recomputes the token norms from hidden."""
-
-    @staticmethod
-    def forward(ctx, hidden, token_mask, normalize, eps, backend):
-        impl = _impl(backend)
-        ctx.save_for_backward(hidden, token_mask)
-        ctx.meta = (impl, normalize, eps)
-        return impl.colbert_forward(hidden, token_mask, normalize, eps)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, token_mask = ctx.saved_tensors
-        impl, normalize, eps = ctx.meta
-        return impl.colbert_backward(grad_out.contiguous(), hidden, token_mask, normalize, eps), None, None, None, None
+        impl, normalize, eps, colbert, shape, dtype = ctx.meta
+        grad_out = grad_out.contiguous()
+        if colbert:
+            hidden, token_mask = ctx.saved_tensors
+            grad = impl.colbert_backward(grad_out, hidden, token_mask, normalize, eps)
+        else:
+            weights, pooled = ctx.saved_tensors
+            grad = impl.pool_backward(grad_out, weights, pooled, normalize, eps, shape, dtype)
+        return grad, None, None, None, None, None
 
 
 def pool_l2(hidden, attention_mask, mode="avg", normalize=True, eps=1e-12, backend=None):
@@ -138,7 +135,7 @@ def pool_l2(hidden, attention_mask, mode="avg", normalize=True, eps=1e-12, backe
         return pool_l2_reference(hidden, attention_mask, mode, normalize, eps)
     hidden = hidden.contiguous()
     if mode == "colbert":
-        token_mask = (attention_mask != 0).to(_acc_dtype(hidden.dtype)).contiguous()
-        return ColbertL2Function.apply(hidden, token_mask, normalize, eps, name)
-    weights = pooling_weights(attention_mask, mode).to(_acc_dtype(hidden.dtype)).contiguous()
-    return PoolL2Function.apply(hidden, weights, normalize, eps, name)
+        weights = (attention_mask != 0).to(_acc_dtype(hidden.dtype))
+    else:
+        weights = pooling_weights(attention_mask, mode).to(_acc_dtype(hidden.dtype))
+    return PoolL2Function.apply(hidden, weights.contiguous(), normalize, eps, mode == "colbert", name)
