@@ -47,6 +47,11 @@ def _probe(name: str) -> tuple[bool, str]:
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Every op accumulates in fp32 (fp64 for fp64 inputs), whatever the input dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

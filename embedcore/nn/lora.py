@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedcore.backends import accumulation_dtype
 from embedcore.ops.lora_linear import lora_linear
 
 
@@ -79,7 +80,7 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A in the weight's dtype (computed in fp32, fp64 for fp64)."""
-        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(self.weight.dtype)
         delta = self.lora_B.weight.detach().to(acc) @ self.lora_A.weight.detach().to(acc)
         return (delta * self.scaling).to(self.weight.dtype)
 
@@ -88,7 +89,7 @@ class LoRALinear(nn.Module):
         """Fold the LoRA update into the base weight; forward then is the plain linear layer."""
         if self.merged:
             raise RuntimeError("LoRALinear.merge: already merged; call unmerge() first")
-        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(self.weight.dtype)
         self.weight.copy_((self.weight.to(acc) + self.delta_weight().to(acc)).to(self.weight.dtype))
         self.merged = True
 
@@ -97,7 +98,7 @@ class LoRALinear(nn.Module):
         """Undo merge() (exact up to one rounding of the weight dtype)."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: not merged")
-        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(self.weight.dtype)
         self.weight.copy_((self.weight.to(acc) - self.delta_weight().to(acc)).to(self.weight.dtype))
         self.merged = False
 

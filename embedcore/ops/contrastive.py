@@ -29,10 +29,6 @@ import torch
 from embedcore import backends
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def default_positive_index(B: int, P: int, device=None) -> torch.Tensor:
     """Query i's positive is passage i * (P // B): the "1 positive + n-1 hard negatives" layout."""
     if B <= 0 or P % B != 0:
@@ -61,7 +57,7 @@ def contrastive_loss_reference(q, p, temperature=0.02, positive_index=None, pass
     B, P = q.shape[0], p.shape[0]
     pos = default_positive_index(B, P, q.device) if positive_index is None else positive_index.to(torch.int64)
     ids = None if passage_ids is None else passage_ids.to(torch.int64)
-    acc = _acc_dtype(q.dtype)
+    acc = backends.accumulation_dtype(q.dtype)
     s = (q.to(acc) @ p.to(acc).T) / temperature
     s = s.masked_fill(excluded_mask(pos, ids, P), float("-inf"))
     s_pos = s[torch.arange(B, device=q.device), pos]

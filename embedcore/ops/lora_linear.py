@@ -67,13 +67,9 @@ def keep_mask(seed: int, p: float, rows: int, cols: int, device=None) -> torch.T
     return (h >> 8) >= dropout_threshold(p)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, seed=None):
     """The readable specification: plain torch, fp32 (fp64 for fp64) accumulation, returns x's dtype."""
-    acc = _acc_dtype(x.dtype)
+    acc = backends.accumulation_dtype(x.dtype)
     xf = x.to(acc)
     out = xf @ weight.detach().to(acc).T
     if bias is not None:

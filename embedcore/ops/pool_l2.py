@@ -23,10 +23,6 @@ from embedcore import backends
 MODES = ("avg", "weighted_avg", "cls", "last", "colbert")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def pooling_weights(attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
     """[B, S] weights (fp32) whose weighted sum over the sequence is the pooled vector."""
     m = attention_mask.to(torch.float32) if attention_mask.dtype != torch.float64 else attention_mask.double()
@@ -51,7 +47,7 @@ def pooling_weights(attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
 
 def pool_l2_reference(hidden, attention_mask, mode="avg", normalize=True, eps=1e-12):
     """The readable specification (plain torch, differentiable, fp32 accumulation)."""
-    acc = _acc_dtype(hidden.dtype)
+    acc = backends.accumulation_dtype(hidden.dtype)
     h = hidden.to(acc)
     m = (attention_mask != 0).to(acc)
     if mode == "colbert":
@@ -135,7 +131,7 @@ def pool_l2(hidden, attention_mask, mode="avg", normalize=True, eps=1e-12, backe
         return pool_l2_reference(hidden, attention_mask, mode, normalize, eps)
     hidden = hidden.contiguous()
     if mode == "colbert":
-        weights = (attention_mask != 0).to(_acc_dtype(hidden.dtype))
+        weights = (attention_mask != 0).to(backends.accumulation_dtype(hidden.dtype))
     else:
-        weights = pooling_weights(attention_mask, mode).to(_acc_dtype(hidden.dtype))
+        weights = pooling_weights(attention_mask, mode).to(backends.accumulation_dtype(hidden.dtype))
     return PoolL2Function.apply(hidden, weights.contiguous(), normalize, eps, mode == "colbert", name)
