@@ -65,6 +65,13 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if _probe(name)[0]]
 
 
+def launch_helpers(op: str, backend: str):
+    """The module with `op`'s launch helpers for a fast backend: embedcore.ops._<op>_cpp (cpp)
+    or embedcore.kernels.<op> (triton); both expose the same function names."""
+    module = f"embedcore.ops._{op}_cpp" if backend == "cpp" else f"embedcore.kernels.{op}"
+    return importlib.import_module(module)
+
+
 def cpp_ops():
     """The compiled extension's ops (`torch.ops.embedcore`), after making sure it is loaded."""
     ok, why = _probe("cpp")

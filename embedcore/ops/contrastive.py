@@ -133,21 +133,13 @@ def _check(q, p, temperature, positive_index, passage_ids):
             raise ValueError(f"contrastive_loss: passage_ids is on {passage_ids.device}, q on {q.device}")
 
 
-def _impl(name):
-    if name == "cpp":
-        from embedcore.ops import _contrastive_cpp as impl
-    else:
-        from embedcore.kernels import contrastive as impl
-    return impl
-
-
 class ContrastiveLossFunction(torch.autograd.Function):
     """Forward: per-row lse and loss (and ranks) tile by tile; saves q, p, lse, the layout.
     Backward: recomputes the score tiles to form dS and contracts it with p and q."""
 
     @staticmethod
     def forward(ctx, q, p, positive_index, passage_ids, temperature, backend):
-        impl = _impl(backend)
+        impl = backends.launch_helpers("contrastive", backend)
         lse, row_loss, ranks = impl.contrastive_forward(q, p, positive_index, passage_ids, temperature)
         ctx.save_for_backward(q, p, positive_index, passage_ids, lse)
         ctx.meta = (impl, temperature)

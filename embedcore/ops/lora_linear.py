@@ -127,21 +127,13 @@ def _check(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
         raise TypeError(f"lora_linear: seed must be an int or None, got {type(seed).__name__}")
 
 
-def _impl(name):
-    if name == "cpp":
-        from embedcore.ops import _lora_linear_cpp as impl
-    else:
-        from embedcore.kernels import lora_linear as impl
-    return impl
-
-
 class LoRALinearFunction(torch.autograd.Function):
     """Gradients for x, A and B only. The backend's forward may hand back the rank-r
     intermediate xa to keep (cpp) or None (triton recomputes it in backward)."""
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
-        impl = _impl(backend)
+        impl = backends.launch_helpers("lora_linear", backend)
         s_eff = scaling / (1.0 - dropout_p)
         out, xa = impl.forward(x2d, weight, bias, lora_a, lora_b, s_eff, dropout_p, seed)
         ctx.save_for_backward(x2d, weight, lora_a, lora_b, xa)

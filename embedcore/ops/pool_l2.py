@@ -77,14 +77,6 @@ def _check(hidden, attention_mask, mode, eps):
         raise ValueError(f"pool_l2: eps must be > 0, got {eps}")
 
 
-def _impl(name):
-    if name == "cpp":
-        from embedcore.ops import _pool_l2_cpp as impl
-    else:
-        from embedcore.kernels import pool_l2 as impl
-    return impl
-
-
 class PoolL2Function(torch.autograd.Function):
     """The one autograd.Function of pool_l2, for every non-torch backend.
 
@@ -96,7 +88,7 @@ class PoolL2Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weights, normalize, eps, colbert, backend):
-        impl = _impl(backend)
+        impl = backends.launch_helpers("pool_l2", backend)
         ctx.meta = (impl, normalize, eps, colbert, hidden.shape, hidden.dtype)
         if colbert:
             ctx.save_for_backward(hidden, weights)
