@@ -1,4 +1,5 @@
 """Full-corpus evaluation against sentence-transformers' InformationRetrievalEvaluator."""
+import importlib
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ KEYS = ["ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100"]
 
 
 def test_beir_matches_sentence_transformers(tmp_path, minilm_path):
-    st = pytest.importorskip("sentence_transformers")
+    st = importlib.import_module("sentence_transformers")  # a dev dependency: missing must fail, not skip
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
     folder = write_beir(str(tmp_path))
@@ -66,7 +67,7 @@ def test_bad_data(tmp_path, minilm_path):
 
 def test_exported_prefixes_match_sentence_transformers_prompts(tmp_path, minilm_path):
     """Our export with prefixes: our query/passage embeddings equal ST's encode_query / encode_document."""
-    st = pytest.importorskip("sentence_transformers")
+    st = importlib.import_module("sentence_transformers")  # a dev dependency: missing must fail, not skip
     import torch
 
     from embedcore.models.backbone import load_tokenizer
