@@ -15,8 +15,8 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no C
 timeout 180 python -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
   || echo "extension build failed: see build.log (the cpp cases will fail, the triton ones still run)"
 
-# Tests: every case that runs the triton backend (they use CUDA tensors when CUDA is present).
-timeout 300 python -m pytest tests -q --continue-on-collection-errors -k "triton" -p no:cacheprovider \
+# Tests: every case that runs the triton backend (CUDA tensors when CUDA is present) or needs CUDA.
+timeout 300 python -m pytest tests -q --continue-on-collection-errors -k "triton or cuda" -p no:cacheprovider \
   --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -n 30
 
 # Benchmarks: the CUDA cases of every suite (ours vs the reference in the same run).
