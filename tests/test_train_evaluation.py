@@ -61,6 +61,20 @@ def test_end_of_training_evaluation_in_log_and_validation_jsonl(setup, caplog):
     assert f"ndcg@10 {rec['ndcg@10']:.4f} | mrr@10 {rec['mrr@10']:.4f}" in lines[0]
 
 
+def test_resuming_a_finished_run_does_not_evaluate_again(setup):
+    root, model, train, val, beir = setup
+    data = _config(root, model, train, val, beir, "run_twice")
+    first = loop_mod.train(C.config_from_dict(data))
+    data = _config(root, model, train, val, beir, "run_twice")
+    data["checkpoint"]["restore_from"] = "LATEST"
+    again = loop_mod.train(C.config_from_dict(data))
+    assert again.step == first.step == 3 and again.evaluation is None
+    assert os.path.isdir(again.export["consolidated"])
+    with open(root / "run_twice" / "validation.jsonl") as f:
+        evals = [r for r in map(json.loads, filter(str.strip, f)) if "ndcg@10" in r]
+    assert len(evals) == 1
+
+
 def test_split_and_max_length_reach_evaluate(setup):
     root, model, train, _, beir = setup
     data = _config(root, model, train, None, beir, "run_dev", split="dev", max_length=4)

@@ -197,6 +197,9 @@ class Trainer:
     def run(self) -> RunResult:
         cfg, info, s = self.cfg, self.info, self.cfg.step_scheduler
         result = RunResult(step=self.step, checkpoint=None)
+        # Restored from a run that had already finished: the export is rewritten (atomically, the
+        # same files) so the result names it, but its evaluation record is not appended twice.
+        finished_before = 0 < self.total_steps <= self.step
         if info.is_main:
             log.info("training: %d step(s) (%d per epoch), %d rank(s), global batch %d = %d local x %d accumulation "
                      "x %d rank(s), device %s, compute dtype %s", self.total_steps, self.steps_per_epoch,
@@ -256,7 +259,11 @@ class Trainer:
             if last_saved != self.step or result.checkpoint is None:
                 result.checkpoint = self._save() if last_saved != self.step else latest_folder(self.ckpt_dir)
             result.export = export_final(self, result.checkpoint)
-        if cfg.evaluation is not None:  # config validation made sure the consolidated export exists
+        if cfg.evaluation is not None and finished_before:
+            if info.is_main:
+                log.info("step %d: the restored run had already finished and been evaluated; not evaluating again",
+                         self.step)
+        elif cfg.evaluation is not None:  # config validation made sure the consolidated export exists
             result.evaluation = run_final_evaluation(self, result.export["consolidated"])
         result.step = self.step
         return result
