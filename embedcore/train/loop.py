@@ -121,6 +121,12 @@ class Trainer:
         if restore is not None:
             self._resume(restore)
         else:
+            previous = latest_folder(self.ckpt_dir)
+            if previous is not None and info.is_main:
+                log.warning("checkpoint_dir %s holds an earlier run (LATEST -> %s): starting a fresh run there "
+                            "(its logs restart, its step folders are replaced as this run reaches them); "
+                            "--checkpoint.restore_from LATEST would resume it instead", self.ckpt_dir,
+                            os.path.basename(previous))
             self.logger.reset()
         # Device-side bookkeeping, read on log steps only (no host sync per step).
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=info.device)
