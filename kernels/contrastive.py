@@ -67,6 +67,18 @@ def _score_tile(q_ptr, p_ptr, rows, cols, row_ok, col_ok, D, ACC: tl.constexpr, 
 
 
 @triton.jit
+def _positive_and_kept(cols, col_ok, row_ok, pos, pos_id, ids_ptr, HAS_IDS: tl.constexpr):
+    """For a [rows, cols] tile: is each column the row's positive, and does it count in the row's
+    denominator (a real row and column, not a copy of the positive by passage id)."""
+    is_pos = cols[None, :] == pos[:, None]
+    keep = col_ok[None, :] & row_ok[:, None]
+    if HAS_IDS:
+        col_id = tl.load(ids_ptr + cols, mask=col_ok, other=0)
+        keep = keep & ~((col_id[None, :] == pos_id[:, None]) & ~is_pos)
+    return is_pos, keep
+
+
+@triton.jit
 def _forward_kernel(q_ptr, p_ptr, pos_ptr, ids_ptr, lse_ptr, loss_ptr, rank_ptr, B, P, D, inv_t,
                     HAS_IDS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -90,11 +102,7 @@ def _forward_kernel(q_ptr, p_ptr, pos_ptr, ids_ptr, lse_ptr, loss_ptr, rank_ptr,
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < P
         s = _score_tile(q_ptr, p_ptr, rows, cols, row_ok, col_ok, D, ACC, PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N, BLOCK_D) * inv_t
-        is_pos = cols[None, :] == pos[:, None]
-        keep = col_ok[None, :] & row_ok[:, None]
-        if HAS_IDS:
-            col_id = tl.load(ids_ptr + cols, mask=col_ok, other=0)
-            keep = keep & ~((col_id[None, :] == pos_id[:, None]) & ~is_pos)
+        is_pos, keep = _positive_and_kept(cols, col_ok, row_ok, pos, pos_id, ids_ptr, HAS_IDS)
         s = tl.where(keep, s, float("-inf"))
         beaten += tl.sum(((s > s_pos[:, None]) & ~is_pos).to(tl.int32), axis=1)
         new_max = tl.maximum(run_max, tl.max(s, axis=1))
@@ -125,11 +133,7 @@ def _dq_kernel(q_ptr, p_ptr, pos_ptr, ids_ptr, lse_ptr, scale_ptr, dq_ptr, B, P,
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < P
         s = _score_tile(q_ptr, p_ptr, rows, cols, row_ok, col_ok, D, ACC, PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N, BLOCK_D) * inv_t
-        is_pos = cols[None, :] == pos[:, None]
-        keep = col_ok[None, :] & row_ok[:, None]
-        if HAS_IDS:
-            col_id = tl.load(ids_ptr + cols, mask=col_ok, other=0)
-            keep = keep & ~((col_id[None, :] == pos_id[:, None]) & ~is_pos)
+        is_pos, keep = _positive_and_kept(cols, col_ok, row_ok, pos, pos_id, ids_ptr, HAS_IDS)
         prob = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
         ds = (prob - is_pos.to(ACC)) * scale
         pv = tl.load(p_ptr + cols[:, None] * D + offs_o[None, :], mask=col_ok[:, None] & o_ok[None, :], other=0.0)
