@@ -146,3 +146,33 @@ def test_gathered_passages_send_gradients_back_to_their_owners(tmp_path):
     torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, ref.detach())
     torch.testing.assert_close(torch.cat([ranks[0]["dq"], ranks[1]["dq"]]), 2 * q.grad)
     torch.testing.assert_close(torch.cat([ranks[0]["dp"], ranks[1]["dp"]]), 2 * p.grad)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+                    reason="torchrun not found")
+def test_colbert_two_ranks_equal_one_rank(tmp_path):
+    """colbert gathers every rank's passage token vectors (padded to the collator's longest
+    possible passage, so no rank has to ask the others) and trains as one rank would."""
+    model = make_model(str(tmp_path / "model"))
+    train = write_dataset(str(tmp_path / "train.jsonl"), 16)
+
+    def config(name, local):
+        data = base_config(model, train, None, str(tmp_path / name), global_batch_size=4, local_batch_size=local,
+                           max_steps=2, ckpt_every_steps=2)
+        data["model"]["pooling"] = "colbert"
+        return data
+
+    cfg_path = tmp_path / "two.yaml"
+    cfg_path.write_text(yaml.safe_dump(config("two", 2)))
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", os.path.join(ROOT, "train.py"),
+                           str(cfg_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = loop_mod.train(config_from_dict(config("one", 4)))
+    want = load_file(os.path.join(one.checkpoint, "model", "model.safetensors"))
+    got = load_file(str(tmp_path / "two" / "step_2" / "model" / "model.safetensors"))
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)

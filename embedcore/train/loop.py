@@ -169,8 +169,11 @@ class Trainer:
             q = self.model.encode(batch["q_input_ids"], batch["q_attention_mask"], "query")
             p = self.model.encode(batch["p_input_ids"], batch["p_attention_mask"], "passage")
         if self.model.pooling == "colbert":
+            coll = cfg.dataloader.collate_fn
+            multiple = coll.pad_to_multiple_of or 1
             loss = colbert_train_loss(q, batch["q_attention_mask"], p, batch["p_attention_mask"],
-                                      batch.get("passage_ids"), cfg.temperature, info)
+                                      batch.get("passage_ids"), cfg.temperature, info,
+                                      max_passage_len=-(-coll.p_max_len // multiple) * multiple)
         else:
             loss = pooled_train_loss(q, p, batch.get("passage_ids"), cfg.temperature, info)
         (loss / self.accum).backward()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from embedcore.ops.contrastive import contrastive_loss
-from embedcore.train.distributed import DistInfo, all_reduce_max, gather_no_grad, gather_with_grad
+from embedcore.train.distributed import DistInfo, gather_no_grad, gather_with_grad
 
 
 def global_positive_index(local_batch: int, n_passages: int, info: DistInfo, device) -> torch.Tensor:
@@ -73,12 +73,16 @@ def _pad_tokens(x, length: int):
     return F.pad(x, pad)
 
 
-def colbert_train_loss(q_tok, q_mask, p_tok, p_mask, passage_ids, temperature: float, info: DistInfo):
-    """MaxSim InfoNCE of the local queries against the token vectors of every rank's passages."""
+def colbert_train_loss(q_tok, q_mask, p_tok, p_mask, passage_ids, temperature: float, info: DistInfo,
+                       max_passage_len: int):
+    """MaxSim InfoNCE of the local queries against the token vectors of every rank's passages.
+    Under several ranks the passages are padded to `max_passage_len` (the longest the collator can
+    produce) before the gather: a length every rank knows, so agreeing on it costs no host sync."""
     B, n = q_tok.shape[0], p_tok.shape[0] // q_tok.shape[0]
-    if info.world_size > 1:  # passages of every rank padded to one length before the gather
-        length = int(all_reduce_max(torch.tensor([p_tok.shape[1]], device=p_tok.device), info).item())
-        p_tok, p_mask = _pad_tokens(p_tok, length), _pad_tokens(p_mask, length)
+    if info.world_size > 1:
+        if p_tok.shape[1] > max_passage_len:
+            raise ValueError(f"colbert: passages of {p_tok.shape[1]} tokens exceed max_passage_len {max_passage_len}")
+        p_tok, p_mask = _pad_tokens(p_tok, max_passage_len), _pad_tokens(p_mask, max_passage_len)
     p_all = gather_with_grad(p_tok, info)
     m_all = gather_no_grad(p_mask, info)
     ids_all = None if passage_ids is None else gather_no_grad(passage_ids, info)
