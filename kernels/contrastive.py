@@ -150,7 +150,7 @@ def _dp_kernel(q_ptr, p_ptr, pos_ptr, ids_ptr, lse_ptr, scale_ptr, dp_ptr, B, P,
                HAS_IDS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
     """dp[cols, d-chunk] = sum over query blocks of dS[rows, cols]^T q[rows, d-chunk]; the score
-    tile is computed transposed, [BLOCK_N passages, BLOCK_M queries]."""
+    tile is used transposed, [BLOCK_N passages, BLOCK_M queries]."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < P
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -163,7 +163,11 @@ def _dp_kernel(q_ptr, p_ptr, pos_ptr, ids_ptr, lse_ptr, scale_ptr, dp_ptr, B, P,
         row_ok = rows < B
         pos = tl.load(pos_ptr + rows, mask=row_ok, other=0)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        st = _score_tile(p_ptr, q_ptr, cols, rows, col_ok, row_ok, D, ACC, PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_M, BLOCK_D) * inv_t
+        # The tile in the forward's operand order (q rows x p cols), then transposed: the same
+        # products as the lse was built from, so exp(s - lse) of a confident positive does not
+        # pick up a rounding difference that dS = softmax - 1 would amplify.
+        st = tl.trans(_score_tile(q_ptr, p_ptr, rows, cols, row_ok, col_ok, D, ACC, PRECISION, DOT_UPCAST,
+                                  BLOCK_M, BLOCK_N, BLOCK_D)) * inv_t
         is_pos = cols[:, None] == pos[None, :]
         keep = col_ok[:, None] & row_ok[None, :]  # padded query rows must not contribute exp(0 - 0) = 1
         if HAS_IDS:
