@@ -16,8 +16,6 @@ Metrics are printed and written as JSON (--output, default eval_<data>_<split>.j
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import os
 import sys
@@ -26,6 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from embedcore.data.errors import DataError
+from embedcore.cli import run_cli
+from embedcore.errors import ConfigError
+from embedcore.files import check_writable, iter_lines, parse_json_line, write_json
 from embedcore.retrieval import distributed as D
 from embedcore.retrieval.encode import encode_all, encode_texts
 from embedcore.retrieval.metrics import DEFAULT_METRICS, _parse, compute_metrics
@@ -44,27 +45,23 @@ class RetrievalTask:
     doc_ids: list
     docs: list
     qrels: dict  # query id -> {doc id: relevance}
+    dataset: str | None = None  # the corpus id (corpus-ID data): names its prompts / instructions
+    instructions: tuple = (None, None)  # that corpus's (query_instruction, passage_instruction)
 
 
 # ------------------------------------------------------------------------------------------
 # Readers.
 # ------------------------------------------------------------------------------------------
 def _read_jsonl(path: str, keys: Sequence[str]) -> list[dict]:
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found", "file_not_found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg}", "malformed_json") from e
-            missing = [k for k in keys if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing key(s) {missing}", "malformed_json")
-            rows.append(row)
+    for lineno, line in iter_lines(path, "BEIR file"):
+        if not line.strip():
+            continue
+        row = parse_json_line(line, f"{path}:{lineno}")
+        missing = [k for k in keys if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise DataError(f"{path}:{lineno}: missing key(s) {missing}", "malformed_json")
+        rows.append(row)
     return rows
 
 
@@ -80,30 +77,47 @@ def read_beir(folder: str, split: str) -> RetrievalTask:
         raise DataError(f"{qrels_path}: qrels for split {split!r} not found (have: {have or 'no qrels folder'})",
                         "file_not_found")
     qrels: dict = {}
-    with open(qrels_path, encoding="utf-8", newline="") as f:
-        for lineno, rec in enumerate(csv.reader(f, delimiter="\t"), 1):
-            if not rec or not "".join(rec).strip():
-                continue
-            if len(rec) < 3:
-                raise DataError(f"{qrels_path}:{lineno}: expected query-id, corpus-id, score", "malformed_qrels")
-            try:
-                rel = float(rec[2])
-            except ValueError:
-                if lineno == 1:
-                    continue  # header
-                raise DataError(f"{qrels_path}:{lineno}: score {rec[2]!r} is not a number", "malformed_qrels") from None
-            qrels.setdefault(str(rec[0]), {})[str(rec[1])] = rel
+    for lineno, line in iter_lines(qrels_path, "qrels file"):
+        rec = line.rstrip("\r\n").split("\t")
+        if not "".join(rec).strip():
+            continue
+        if len(rec) < 3:
+            raise DataError(f"{qrels_path}:{lineno}: expected query-id, corpus-id, score", "malformed_qrels")
+        try:
+            rel = float(rec[2])
+        except ValueError:
+            if lineno == 1:
+                continue  # header
+            raise DataError(f"{qrels_path}:{lineno}: score {rec[2]!r} is not a number", "malformed_qrels") from None
+        qrels.setdefault(str(rec[0]), {})[str(rec[1])] = rel
     qids = [str(q["_id"]) for q in queries]
-    known = set(qids)
-    dropped = [q for q in qrels if q not in known]
-    if dropped:
-        log.warning("%s: %d qrels queries are not in queries.jsonl and are ignored (first: %r)", qrels_path,
-                    len(dropped), dropped[0])
-    qrels = {q: r for q, r in qrels.items() if q in known}
+    doc_ids = [str(d["_id"]) for d in corpus]
+    qrels = _known_qrels(qrels, set(qids), set(doc_ids), qrels_path)
     keep = [i for i, q in enumerate(qids) if any(v > 0 for v in qrels.get(q, {}).values())]
     docs = [((d.get("title") or "") + " " + d["text"]).strip() for d in corpus]
     return RetrievalTask(os.path.basename(os.path.normpath(folder)), [qids[i] for i in keep],
-                         [queries[i]["text"] for i in keep], [str(d["_id"]) for d in corpus], docs, qrels)
+                         [queries[i]["text"] for i in keep], doc_ids, docs, qrels)
+
+
+def _known_qrels(qrels: dict, query_ids: set, doc_ids: set, where: str) -> dict:
+    """qrels restricted to queries and documents that exist. Ids the qrels name but the data lacks are
+    warned about (count and examples): they cannot be retrieved, and scoring them as misses would
+    report a silent zero. No relevant pair surviving at all is an error, not a score of 0."""
+    missing_q = sorted(q for q in qrels if q not in query_ids)
+    missing_d = sorted({d for q, rel in qrels.items() if q in query_ids for d in rel if d not in doc_ids})
+    if missing_q:
+        log.warning("%s: %d qrels queries are not in queries.jsonl and are ignored (e.g. %s)", where,
+                    len(missing_q), ", ".join(map(repr, missing_q[:5])))
+    if missing_d:
+        log.warning("%s: %d qrels documents are not in corpus.jsonl and are ignored (e.g. %s)", where,
+                    len(missing_d), ", ".join(map(repr, missing_d[:5])))
+    kept = {q: {d: r for d, r in rel.items() if d in doc_ids} for q, rel in qrels.items() if q in query_ids}
+    kept = {q: rel for q, rel in kept.items() if rel}
+    if not any(r > 0 for rel in kept.values() for r in rel.values()):
+        raise DataError(f"{where}: no qrels pair names a query of queries.jsonl and a document of corpus.jsonl "
+                        f"with a score > 0 ({len(missing_q)} unknown query ids, {len(missing_d)} unknown document "
+                        f"ids): nothing to evaluate", "no_qrels")
+    return kept
 
 
 def read_data_file(path: str) -> list[RetrievalTask]:
@@ -121,7 +135,9 @@ def read_data_file(path: str) -> list[RetrievalTask]:
                 if len(corpus) == 0:
                     raise DataError(f"corpus {ex.corpus_id!r} ({corpus.table}) is empty", "empty_corpus")
                 ids = list(corpus.docs)
-                task = tasks[ex.corpus_id] = RetrievalTask(ex.corpus_id, [], [], ids, [corpus.docs[i] for i in ids], {})
+                task = tasks[ex.corpus_id] = RetrievalTask(ex.corpus_id, [], [], ids, [corpus.docs[i] for i in ids], {},
+                                                           ex.corpus_id,
+                                                           (corpus.query_instruction, corpus.passage_instruction))
             prefix = f"{ex.corpus_id}:"
             rel = {p.uid[len(prefix):]: 1.0 for p in ex.positives}
         else:
@@ -176,8 +192,12 @@ def rank_task(model, task: RetrievalTask, k: int, *, batch_size: int = 128, max_
 def evaluate_model(model_dir, data: str, split: str = "test", *, metrics: Sequence[str] = DEFAULT_METRICS,
                    batch_size: int = 128, max_length: int | None = None, query_prefix: str | None = None,
                    passage_prefix: str | None = None, dtype: str = "float32", corpus_block: int = 16384,
-                   progress: bool | None = None, model=None) -> dict:
+                   progress: bool | None = None, model=None, use_instructions: bool = False) -> dict:
     """Full-corpus retrieval metrics of a model folder on `data` (see the module docstring).
+
+    Prefixes, per corpus: embedcore.retrieval.model's rule (explicit prefixes, else the model's
+    prompts for that corpus, else its own; use_instructions: the corpus metadata's instructions
+    applied by the training rule).
 
     Call it on every rank when a process group is running (the trainer at the end of training);
     every rank returns the same dict: the metrics, num_queries, num_corpus, model, data, split,
@@ -195,8 +215,9 @@ def evaluate_model(model_dir, data: str, split: str = "test", *, metrics: Sequen
     k = max(_parse(m)[1] for m in metrics)
     rankings, qrels = {}, {}
     for task in tasks:
-        ranked = rank_task(model, task, k, batch_size=batch_size, max_length=max_length,
-                           corpus_block=corpus_block, progress=progress)
+        with model.using_prefixes(*model.prefixes_for(task.dataset, task.instructions, use_instructions)):
+            ranked = rank_task(model, task, k, batch_size=batch_size, max_length=max_length,
+                               corpus_block=corpus_block, progress=progress)
         prefix = f"{task.name}/" if len(tasks) > 1 else ""
         rankings.update({prefix + q: r for q, r in ranked.items()})
         qrels.update({prefix + q: r for q, r in task.qrels.items()})
@@ -212,8 +233,9 @@ def format_metrics(result: dict, metrics: Sequence[str] = DEFAULT_METRICS) -> st
     return " | ".join(parts + [f"queries {result['num_queries']}", f"corpus {result['num_corpus']}"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m embedcore.evaluate", description=__doc__.split("\n\n")[0])
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m embedcore.evaluate", description=__doc__.split("\n\n")[0],
+                                epilog="--debug: show the traceback of an error")
     p.add_argument("--model", required=True, help="model folder (ours, sentence-transformers or Hugging Face)")
     p.add_argument("--data", required=True, help="BEIR folder, corpus-ID JSON or inline JSONL")
     p.add_argument("--split", default="test", help="BEIR qrels split (qrels/<split>.tsv)")
@@ -222,30 +244,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=None, help="token limit (default: the model's max_seq_length, else 512)")
     p.add_argument("--query-prefix", default=None, help="override the model's query prefix ('' for none)")
     p.add_argument("--passage-prefix", default=None, help="override the model's passage prefix ('' for none)")
+    p.add_argument("--use-instructions", action="store_true",
+                   help="apply each corpus's query/passage instruction (merlin_metadata.json) as in training")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated KIND@K list")
     args = p.parse_args(argv)
+    for flag in ("batch_size", "max_length"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 1, got {value}")
+    args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if not args.metrics:
+        raise ConfigError("--metrics: at least one KIND@K metric is required")
+    for name in args.metrics:
+        try:
+            _parse(name)
+        except ValueError as e:
+            raise ConfigError(f"--metrics: {e}") from None
+    if args.output is None:
+        args.output = f"eval_{os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]}_{args.split}.json"
+    return args
+
+
+def _run(argv: list[str]) -> int:
+    args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     started = D.init_from_env()
-    is_main = D.rank() == 0
     try:
-        result = evaluate_model(args.model, args.data, args.split, metrics=metrics, batch_size=args.batch_size,
+        if D.rank() == 0:
+            check_writable(args.output)  # before the encoding, not after it
+        result = evaluate_model(args.model, args.data, args.split, metrics=args.metrics, batch_size=args.batch_size,
                                 max_length=args.max_length, query_prefix=args.query_prefix,
-                                passage_prefix=args.passage_prefix, dtype=args.dtype)
+                                passage_prefix=args.passage_prefix, dtype=args.dtype,
+                                use_instructions=args.use_instructions)
+        if D.rank() == 0:
+            write_json(args.output, result)
+            print(format_metrics(result, args.metrics))
+            print(f"written {args.output}", file=sys.stderr)
         D.barrier()  # no rank tears the group down while gloo still frees another's last collective
-    except (DataError, ValueError, FileNotFoundError) as e:
-        print(f"embedcore.evaluate: error: {e}", file=sys.stderr)
-        return 2
     finally:
         D.shutdown(started)
-    if is_main:
-        out = args.output or f"eval_{os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]}_{args.split}.json"
-        with open(out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
-        print(format_metrics(result, metrics))
-        print(f"written {out}", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; a user error is one line on stderr and exit code 2 (embedcore.cli)."""
+    return run_cli("embedcore.evaluate", _run, argv)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -26,7 +27,10 @@ from typing import Literal, Optional
 
 import yaml
 
+from embedcore.cli import run_cli
 from embedcore.data.errors import DataError
+from embedcore.errors import ConfigError, PathNotFound
+from embedcore.files import check_writable, write_json
 from embedcore.retrieval import distributed as D
 from embedcore.retrieval.hard_negatives import MiningParams, mine_corpus
 
@@ -64,6 +68,10 @@ class MiningConfig:
     """Text before each query, joined with one space as in training (None: the model's own; "": none)."""
     passage_prefix: Optional[str] = None
     """Text before each passage, joined with one space (None: the model's own; "": none)."""
+    use_instructions: bool = False
+    """Apply each corpus's query_instruction / passage_instruction (merlin_metadata.json) by the
+    training rule (embedcore.data.instructions): override the prefix, or fill its {task}. A model
+    exported with per-corpus prompts uses them for their corpus either way (retrieval.model)."""
     pooling: Optional[Literal["avg", "weighted_avg", "cls", "last"]] = None
     """Override the model's pooling (None: the model folder's; avg for a bare HF folder)."""
     l2_normalize: Optional[bool] = None
@@ -82,7 +90,7 @@ def _type_hints():
 
 def load_mining_config(path: Optional[str], overrides: list[str]) -> MiningConfig:
     """YAML file (a `mining:` section, optional) + `--mining.KEY VALUE` overrides -> MiningConfig."""
-    from embedcore.train.config import ConfigError, build_section, parse_override_value, split_overrides
+    from embedcore.train.config import build_section, parse_override_value, split_overrides
 
     data: dict = {}
     if path is not None:
@@ -110,6 +118,8 @@ def load_mining_config(path: Optional[str], overrides: list[str]) -> MiningConfi
                  "passage_max_length"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"mining.{name} must be >= 1, got {getattr(cfg, name)}")
+    if not math.isfinite(cfg.hard_neg_margin) or (cfg.hard_neg_margin_type == "perc" and cfg.hard_neg_margin <= 0):
+        raise ConfigError(f"mining.hard_neg_margin: must be a finite number (> 0 for perc), got {cfg.hard_neg_margin}")
     if cfg.hard_neg_skip_top_k < 0:
         raise ConfigError(f"mining.hard_neg_skip_top_k must be >= 0, got {cfg.hard_neg_skip_top_k}")
     return cfg
@@ -127,6 +137,7 @@ class _Job:
     queries: list
     positives: list  # per query: corpus indices
     index: dict  # doc id -> corpus index
+    instructions: tuple = (None, None)  # the corpus's (query_instruction, passage_instruction)
 
 
 def read_input(cfg: MiningConfig):
@@ -182,7 +193,8 @@ def read_input(cfg: MiningConfig):
             corpus = corpora[ex.corpus_id]
             doc_ids = list(corpus.docs)
             job = jobs[ex.corpus_id] = _Job(ex.corpus_id, doc_ids, [corpus.docs[d] for d in doc_ids], [], [], [],
-                                            {d: i for i, d in enumerate(doc_ids)})
+                                            {d: i for i, d in enumerate(doc_ids)},
+                                            (corpus.query_instruction, corpus.passage_instruction))
         job.rows.append(r)
         job.queries.append(ex.query)
         job.positives.append([job.index[d] for d in ids])
@@ -202,8 +214,13 @@ def run_mining(cfg: MiningConfig) -> dict:
                                 l2_normalize=cfg.l2_normalize, query_prefix=cfg.query_prefix,
                                 passage_prefix=cfg.passage_prefix, key="mining.model_name_or_path")
     params = MiningParams(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(MiningParams)})
+    per_corpus = {}  # corpus id -> (query prefix, passage prefix) where they are not the model's defaults
     for job in jobs:
-        mined = mine_corpus(model, job.queries, job.positives, job.texts, params, desc=job.corpus_id)
+        prefixes = model.prefixes_for(job.corpus_id, job.instructions, cfg.use_instructions)
+        if prefixes != (model.query_prefix, model.passage_prefix):
+            per_corpus[job.corpus_id] = list(prefixes)
+        with model.using_prefixes(*prefixes):
+            mined = mine_corpus(model, job.queries, job.positives, job.texts, params, desc=job.corpus_id)
         for r, pos_rows, pos_scores, negs in zip(job.rows, job.positives, mined.positive_scores, mined.negatives):
             rows[r]["corpus_id"] = job.corpus_id
             rows[r]["pos_doc"] = [{"id": job.doc_ids[i], "score": s} for i, s in zip(pos_rows, pos_scores)]
@@ -211,12 +228,14 @@ def run_mining(cfg: MiningConfig) -> dict:
     args = dataclasses.asdict(cfg)
     args.update(resolved_query_prefix=model.query_prefix, resolved_passage_prefix=model.passage_prefix,
                 resolved_pooling=model.pooling, resolved_l2_normalize=model.l2_normalize, world_size=D.world_size())
+    if per_corpus:
+        args["resolved_corpus_prefixes"] = per_corpus
     summary = summarize(rows, cfg.hard_negatives_to_mine)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     doc["data"] = rows
     doc["mining"] = {"args": args, "summary": summary}
     if D.rank() == 0:
-        _write_json(cfg.train_file_output_path, doc)
+        write_json(cfg.train_file_output_path, doc)
         print(format_summary(summary, cfg.train_file_output_path), file=sys.stderr)
     return doc
 
@@ -259,15 +278,6 @@ def format_summary(s: dict, out: str) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: str, doc: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
-
-
 def parse_args(argv: list[str]) -> tuple[Optional[str], list[str]]:
     """[config.yaml | --config config.yaml] followed by --mining.KEY VALUE pairs."""
     config = None
@@ -277,34 +287,45 @@ def parse_args(argv: list[str]) -> tuple[Optional[str], list[str]]:
     if "--config" in rest:
         i = rest.index("--config")
         if i + 1 >= len(rest):
-            raise SystemExit("--config needs a path")
+            raise ConfigError("--config: needs a path")
         config = rest[i + 1]
         del rest[i:i + 2]
     return config, rest
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    from embedcore.train.config import ConfigError
+def _check_model_folder(path: str) -> None:
+    from embedcore.models.backbone import resolve_model_folder
 
+    try:
+        resolve_model_folder(path)
+    except PathNotFound as e:
+        raise PathNotFound(f"mining.model_name_or_path: {e}") from e
+
+
+def _run(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
-    argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         for f in dataclasses.fields(MiningConfig):
             print(f"  --mining.{f.name} (default {f.default!r})")
         return 0
+    config, overrides = parse_args(argv)
+    cfg = load_mining_config(config, overrides)
     started = D.init_from_env()
     try:
-        config, overrides = parse_args(argv)
-        cfg = load_mining_config(config, overrides)
+        _check_model_folder(cfg.model_name_or_path)  # before the data is read, not after it
+        if D.rank() == 0:
+            check_writable(cfg.train_file_output_path)  # before the encoding, not after it
         run_mining(cfg)
         D.barrier()  # no rank tears the group down while gloo still frees another's last collective
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
-        print(f"embedcore.mine: error: {e}", file=sys.stderr)
-        return 2
     finally:
         D.shutdown(started)
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """The command line; a user error is one line on stderr and exit code 2 (embedcore.cli)."""
+    return run_cli("embedcore.mine", _run, argv)
 
 
 if __name__ == "__main__":

@@ -163,3 +163,53 @@ def test_sigkill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(setup):
     assert _logged_steps(folder) == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 of the killed run logged once
     assert not tmp.exists() and sorted(p.name for p in folder.iterdir() if p.name.startswith("step_")) == \
         ["step_2", "step_4", "step_6"]
+
+
+# ------------------------------------------------------------------------------ two datasets
+@pytest.fixture(scope="module")
+def setup_two(tmp_path_factory, setup):
+    """Two data files mixed by weights, homogeneous batches, no duplicates: 6 + 10 examples,
+    8 sampler batches of 2 per epoch (4 steps of 2 micro-batches), 2 epochs."""
+    root = tmp_path_factory.mktemp("kill_two")
+    _, model, _, driver, _ = setup
+    small = write_dataset(str(root / "small.jsonl"), 6, seed=3)
+    large = write_dataset(str(root / "large.jsonl"), 10, seed=4)
+    full = _run(root, driver, _config_two(root, model, [small, large], "full"), "none")
+    assert full["step"] == 8
+    return root, model, [small, large], driver, full
+
+
+def _config_two(root, model, files, name, restore=False) -> dict:
+    data = _config(root, model, files[0], name, restore)
+    data["step_scheduler"]["ckpt_every_steps"] = 3  # step 6 is in the middle of epoch 1
+    data["dataloader"]["dataset"].update(data_dir_list=list(files), sampling="weights", data_weights=[2.0, 1.0],
+                                         homogeneous_batches=True, no_duplicates=True)
+    return data
+
+
+@pytest.mark.slow
+def test_two_datasets_sigkill_mid_epoch_then_resume_matches_uninterrupted(setup_two):
+    root, model, files, driver, full = setup_two
+    folder = root / "after"
+    _run(root, driver, _config_two(root, model, files, "after"), "after_save", kill_step=6, killed=True)
+    assert open(folder / "LATEST").read().strip() == "step_6"
+    state = json.load(open(folder / "step_6" / "state.json"))
+    sampler = state["sampler"]
+    assert sampler["epoch"] == 1 and sampler["position"] == 8  # 2 of 4 steps of epoch 1 x 2 micro-batches x 2
+    assert sampler["mixing"] == {"sampling": "weights", "weights": [2.0, 1.0], "homogeneous": True,
+                                 "no_duplicates": True, "dataset_sizes": [6, 10]}
+    resumed = _run(root, driver, _config_two(root, model, files, "after", restore=True), "none")
+    assert resumed["step"] == 8
+    _assert_same_weights(resumed["checkpoint"], full["checkpoint"])
+    assert _logged_steps(folder) == [1, 2, 3, 4, 5, 6, 7, 8]
+    killed_at, final = _weights(folder / "step_6"), _weights(full["checkpoint"])
+    assert any(not torch.equal(killed_at[k], final[k]) for k in final)
+    # resuming under other mixing settings is refused rather than continuing another order
+    other = _config_two(root, model, files, "after", restore=True)
+    other["dataloader"]["dataset"]["data_weights"] = [1.0, 1.0]
+    other["step_scheduler"]["num_epochs"] = 3
+    path = root / "config_other.json"
+    path.write_text(json.dumps(other))
+    proc = subprocess.run([sys.executable, str(driver), str(path), "none", "0"], cwd=str(root),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "weights=[2.0, 1.0]" in proc.stderr, proc.stderr[-2000:]

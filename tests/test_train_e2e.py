@@ -86,9 +86,11 @@ def test_cli_reports_config_errors_naming_the_key(tmp_path, capsys):
 
 def test_global_batch_must_divide(setup):
     root, model, train, _ = setup
-    cfg = config_from_dict(base_config(model, train, None, str(root / "x"), global_batch_size=6, local_batch_size=4))
-    with pytest.raises(ValueError, match="global_batch_size"):
-        loop_mod.accumulation_steps(cfg, 1)
+    with pytest.raises(ValueError, match="global_batch_size: 6 is not a multiple of step_scheduler.local_batch_size 4"):
+        config_from_dict(base_config(model, train, None, str(root / "x"), global_batch_size=6, local_batch_size=4))
+    cfg = config_from_dict(base_config(model, train, None, str(root / "x"), global_batch_size=8, local_batch_size=4))
+    with pytest.raises(ValueError, match="global_batch_size: 8 is not a multiple of local_batch_size 4 x 3 rank"):
+        loop_mod.accumulation_steps(cfg, 3)
     assert loop_mod.steps_per_epoch(24, 2, 1, 2) == 6 and loop_mod.steps_per_epoch(25, 2, 2, 2) == 3
 
 

@@ -21,7 +21,7 @@ the tokenizer too, and the export saves ``tokenizer.padding_side``.
 """
 import torch
 
-from embedcore.data.ids import passage_uid_to_int64
+from embedcore.data.ids import passage_uid_to_int64, text_key
 
 __all__ = ["BiencoderCollator", "encode_texts", "prepare_tokenizer", "with_prefix", "pad_rows"]
 
@@ -100,8 +100,12 @@ class BiencoderCollator:
         q_input_ids, q_attention_mask: [B, Lq]
         p_input_ids, p_attention_mask: [B*n, Lp]; query i's passages are rows i*n .. i*n+n-1,
             its positive first
-        passage_ids: int64 [B*n], passage_uid_to_int64 of each passage uid (equal text or
-            equal corpus doc -> equal id), for masking copies of a positive
+        passage_ids: int64 [B*n], passage_uid_to_int64 of each passage's text key (equal
+            normalised text -> equal id, in both data formats; see embedcore.data.ids), for
+            masking copies of a positive
+
+    Items may carry their own ``query_prefix`` / ``passage_prefix`` (per-dataset instructions,
+    see embedcore.data.instructions); they replace the collator's for that item's texts.
 
     Args: the tokenizer (given a pad token / padding side by prepare_tokenizer, see the module
     docstring), max lengths, prefixes (``prefix + " " + text``), pad_to_multiple_of, padding_side.
@@ -123,11 +127,16 @@ class BiencoderCollator:
             if len(item["passages"]) != n or len(item["passage_uids"]) != n:
                 raise ValueError(f"batch item {k} (qid {item.get('qid')!r}) has {len(item['passages'])} passages and "
                                  f"{len(item['passage_uids'])} uids; item 0 has {n}: every query needs the same count")
-        q = encode_texts(self.tokenizer, [it["query"] for it in items], self.q_max_len, self.query_prefix,
-                         self.pad_to_multiple_of)
-        p = encode_texts(self.tokenizer, [t for it in items for t in it["passages"]], self.p_max_len,
-                         self.passage_prefix, self.pad_to_multiple_of)
-        ids = [passage_uid_to_int64(u) for it in items for u in it["passage_uids"]]
+        # Each text gets its item's prefix (the collator's unless the item carries one), then is
+        # encoded with no further prefix: the same strings as prefixing in encode_texts.
+        queries = [with_prefix(it.get("query_prefix", self.query_prefix), it["query"]) for it in items]
+        passages = [with_prefix(it.get("passage_prefix", self.passage_prefix), t) for it in items
+                    for t in it["passages"]]
+        q = encode_texts(self.tokenizer, queries, self.q_max_len, "", self.pad_to_multiple_of)
+        p = encode_texts(self.tokenizer, passages, self.p_max_len, "", self.pad_to_multiple_of)
+        # Keyed on the text, not the uid: the same text from a corpus and from inline JSONL (or
+        # under two doc ids) is one passage, and its copies must be masked (ids.py).
+        ids = [passage_uid_to_int64(text_key(t)) for it in items for t in it["passages"]]
         return {"q_input_ids": q["input_ids"], "q_attention_mask": q["attention_mask"],
                 "p_input_ids": p["input_ids"], "p_attention_mask": p["attention_mask"],
                 "passage_ids": torch.tensor(ids, dtype=torch.int64)}

@@ -12,12 +12,12 @@ or single ``*.jsonl`` file is used; anything else is an error naming what was fo
 ids are kept as strings (an integer id 7 in parquet and a reference ``"7"`` or ``7`` in the
 data file name the same document).
 """
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from embedcore.data.errors import DataError
+from embedcore.files import iter_lines, parse_json_line, read_json
 
 __all__ = ["Corpus", "load_corpus", "METADATA_FILE"]
 
@@ -65,10 +65,9 @@ def _read_metadata(directory: str) -> dict:
         raise DataError(f"{directory}: corpus directory has no {METADATA_FILE} "
                         f'(expected {{"class": "TextQADataset", "corpus_id": NAME}})', "missing_metadata")
     try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{meta_path}:{e.lineno}: malformed JSON: {e.msg}", "missing_metadata") from e
+        meta = read_json(meta_path, METADATA_FILE)
+    except DataError as e:
+        raise DataError(str(e), "missing_metadata") from None
     if not isinstance(meta, dict):
         raise DataError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}", "missing_metadata")
     if meta.get("class", "TextQADataset") != "TextQADataset":
@@ -109,18 +108,14 @@ def _read_parquet(path: str) -> dict:
 
 def _read_jsonl(path: str) -> dict:
     docs = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON: {e.msg}", "bad_corpus_table") from e
-            if not isinstance(obj, dict) or "id" not in obj or "text" not in obj:
-                raise DataError(f"{where}: expected an object with keys 'id' and 'text'", "bad_corpus_table")
-            _add_doc(docs, obj["id"], obj["text"], where)
+    for lineno, line in iter_lines(path, "corpus table"):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        obj = parse_json_line(line, where, "bad_corpus_table")
+        if not isinstance(obj, dict) or "id" not in obj or "text" not in obj:
+            raise DataError(f"{where}: expected an object with keys 'id' and 'text'", "bad_corpus_table")
+        _add_doc(docs, obj["id"], obj["text"], where)
     return docs
 
 

@@ -20,11 +20,16 @@ load-time skip counts, so ``summary()`` is the one line to log).
 
 Note for DataLoader workers: call ``set_epoch`` before creating the epoch's iterator (workers
 copy the dataset when the iterator starts, unless persistent_workers, where it would be stale).
+
+Instructions: given ``prefixes`` ({corpus_id or None: (query prefix, passage prefix)}, from
+embedcore.data.instructions.dataset_prefixes), every item also carries its dataset's
+``"query_prefix"`` and ``"passage_prefix"``, which the collator uses instead of its own.
 """
 import hashlib
 import random
 
 from embedcore.data.errors import DataError
+from embedcore.data.ids import text_key
 
 __all__ = ["RetrievalDataset"]
 
@@ -46,10 +51,13 @@ class RetrievalDataset:
         eval_negative_size: negatives per query when train=False (None: n_passages - 1).
         skip_bad: leave out examples with no negatives instead of raising (None: take the
             ExampleSet's own skip_bad).
+        prefixes: per-dataset prefixes put into every item (see the module docstring); None:
+            items carry none and the collator's own prefixes apply (instructions off).
     """
 
     def __init__(self, examples, n_passages: int, seed: int, train: bool = True,
-                 eval_negative_size: int | None = None, *, skip_bad: bool | None = None):
+                 eval_negative_size: int | None = None, *, skip_bad: bool | None = None,
+                 prefixes: dict | None = None):
         if not isinstance(n_passages, int) or isinstance(n_passages, bool) or n_passages < 1:
             raise ValueError(f"n_passages (train_n_passages) must be an integer >= 1, got {n_passages!r}")
         if eval_negative_size is not None and (not isinstance(eval_negative_size, int) or eval_negative_size < 0):
@@ -76,6 +84,11 @@ class RetrievalDataset:
         if not kept:
             raise DataError(f"no example left after skipping {self.skipped}", "no_examples")
         self.examples = kept
+        self.prefixes = prefixes
+        if prefixes is not None:
+            missing = sorted({str(ex.corpus_id) for ex in kept if ex.corpus_id not in prefixes})
+            if missing:
+                raise ValueError(f"RetrievalDataset: no prefixes given for dataset(s) {missing}")
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -91,13 +104,25 @@ class RetrievalDataset:
             line += "; skipped " + ", ".join(f"{k}: {v}" for k, v in self.skipped.items())
         return line
 
-    def _choose(self, index: int):
+    @property
+    def file_indices(self) -> list:
+        """The data file (data_dir_list position) of every item, in item order."""
+        return [ex.file_index for ex in self.examples]
+
+    def group_keys(self, index: int, epoch: int) -> frozenset:
+        """The duplicate keys of item ``index`` as drawn in ``epoch`` (``"q"`` + the query's
+        text key, ``"p"`` + each passage's), without touching ``self.epoch``: what the
+        no-duplicates sampler keeps apart within a batch."""
+        ex, pos, negs = self._choose(index, epoch)
+        return frozenset(["q" + text_key(ex.query)] + ["p" + text_key(p.text) for p in (pos, *negs)])
+
+    def _choose(self, index: int, epoch: int | None = None):
         ex = self.examples[index]
         k = self.num_negatives
         if not self.train:
             negs = [ex.negatives[j % len(ex.negatives)] for j in range(k)] if k else []
             return ex, ex.positives[0], negs
-        rng = random.Random(_item_seed(self.seed, self.epoch, index))
+        rng = random.Random(_item_seed(self.seed, self.epoch if epoch is None else epoch, index))
         pos = ex.positives[rng.randrange(len(ex.positives))]
         if k == 0:
             return ex, pos, []
@@ -115,5 +140,8 @@ class RetrievalDataset:
         index %= len(self)
         ex, pos, negs = self._choose(index)
         group = [pos, *negs]
-        return {"query": ex.query, "passages": [p.text for p in group],
+        item = {"query": ex.query, "passages": [p.text for p in group],
                 "passage_uids": [p.uid for p in group], "qid": ex.qid}
+        if self.prefixes is not None:
+            item["query_prefix"], item["passage_prefix"] = self.prefixes[ex.corpus_id]
+        return item

@@ -1,19 +1,10 @@
-"""The one exception type for bad training data, and the counter used when skipping it."""
+"""The exception type for bad data (defined with the other user errors in embedcore.errors), and
+the counter used when skipping it."""
 from collections import Counter
 
+from embedcore.errors import DataError
+
 __all__ = ["DataError", "SkipCounter"]
-
-
-class DataError(ValueError):
-    """Bad or missing training data. The message names the file and the line (or JSON key).
-
-    ``reason`` is a short machine-readable tag (``"malformed_json"``, ``"missing_query"``, ...):
-    the key under which the example is counted when skipping is enabled.
-    """
-
-    def __init__(self, message: str, reason: str = "bad_data"):
-        super().__init__(message)
-        self.reason = reason
 
 
 class SkipCounter:

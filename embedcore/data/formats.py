@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from embedcore.data.corpus import Corpus, load_corpus
 from embedcore.data.errors import DataError, SkipCounter
 from embedcore.data.ids import corpus_uid, text_uid
+from embedcore.files import iter_lines, parse_json_line, read_text
 
 __all__ = ["DataError", "Passage", "Example", "ExampleSet", "load_examples", "load_corpus", "Corpus"]
 
@@ -48,7 +49,9 @@ class Example:
     """One training example: a query with its positives and (possibly no) negatives.
 
     ``source`` is where it was read (``file:line`` or ``file: data[i]``), for error messages;
-    ``corpus_id`` is set for corpus-ID data, None for inline data.
+    ``corpus_id`` is set for corpus-ID data, None for inline data; ``file_index`` is the
+    position of its file in the list given to load_examples (the dataset it belongs to when
+    several files are mixed, see embedcore.data.mixing).
     """
 
     query: str
@@ -57,6 +60,7 @@ class Example:
     negatives: list
     source: str
     corpus_id: str | None = None
+    file_index: int = 0
 
 
 @dataclass(eq=False)
@@ -120,6 +124,7 @@ class _Loader:
         self.by_path = {}  # realpath -> Corpus
         self.examples = []
         self.dropped_negatives = 0
+        self.file_index = 0  # the data_dir_list position of the file being read
 
     # -- one example, either format -------------------------------------------------------
     def add(self, build, where: str) -> None:
@@ -135,6 +140,7 @@ class _Loader:
         kept = [n for n in ex.negatives if n.uid not in pos_uids]
         self.dropped_negatives += len(ex.negatives) - len(kept)
         ex.negatives = kept
+        ex.file_index = self.file_index
         self.examples.append(ex)
 
     # -- files -----------------------------------------------------------------------------
@@ -152,8 +158,7 @@ class _Loader:
                             f"corpus-ID data)", "unknown_format")
 
     def load_json(self, path: str) -> None:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(path, "data file")
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
@@ -171,12 +176,11 @@ class _Loader:
 
     def load_jsonl(self, path: str) -> None:
         base = os.path.basename(path)
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                self.add(lambda: _inline_example(line, where, f"{base}:{lineno}"), where)
+        for lineno, line in iter_lines(path, "data file"):  # a non-UTF-8 line stops the load, naming it
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            self.add(lambda: _inline_example(line, where, f"{base}:{lineno}"), where)
 
     def load_corpus_id(self, path: str, doc: dict) -> None:
         corpora = self.corpora_of(path, doc)
@@ -265,10 +269,7 @@ def _inline_texts(value, where: str, key: str) -> list:
 
 
 def _inline_example(line: str, where: str, default_qid: str) -> Example:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON line: {e.msg} (column {e.colno})", "malformed_json") from e
+    row = parse_json_line(line, where)
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}", "malformed_json")
     query = _query_of(row, where)
@@ -341,7 +342,8 @@ def load_examples(paths, *, skip_bad: bool = False) -> ExampleSet:
     if not paths:
         raise DataError("no data files given (data_dir_list is empty)", "file_not_found")
     loader = _Loader(skip_bad)
-    for path in paths:
+    for i, path in enumerate(paths):
+        loader.file_index = i
         loader.load_file(path)
     if not loader.examples:
         extra = f"; {loader.skips.summary()}" if loader.skips.counts else ""

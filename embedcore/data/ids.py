@@ -7,10 +7,18 @@ query's positive elsewhere in the batch instead of counting it as a negative).
 
 ``passage_uid_to_int64`` turns a uid into the int64 the loss compares. Python's ``hash()`` is
 salted per process (PYTHONHASHSEED), so it would differ across ranks; blake2b does not.
+
+What the loss masks on is the passage's *text key* (``text_key``: the uid of its normalised
+text), not its uid: a corpus document and an inline passage with the same text, or two corpus
+documents with the same text under different ids, are the same passage to the model, so a copy
+of a query's positive is masked whichever file and format it came from. The uid still names a
+document (mining and evaluation read the doc id from it). For one corpus document the key is a
+function of its uid (same doc, same text), so keying on the text only ever masks more copies.
 """
 import hashlib
+import unicodedata
 
-__all__ = ["passage_uid_to_int64", "text_uid", "corpus_uid"]
+__all__ = ["passage_uid_to_int64", "text_uid", "corpus_uid", "normalize_text", "text_key"]
 
 
 def passage_uid_to_int64(uid: str) -> int:
@@ -34,3 +42,16 @@ def text_uid(text: str) -> str:
 def corpus_uid(corpus_id: str, doc_id: str) -> str:
     """The uid of a corpus document: ``"<corpus_id>:<doc_id>"``."""
     return f"{corpus_id}:{doc_id}"
+
+
+def normalize_text(text: str) -> str:
+    """The text two passages must share to count as the same: Unicode NFC, runs of whitespace
+    collapsed to one space, stripped. Case and punctuation are kept (in code and in names they
+    carry meaning)."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def text_key(text: str) -> str:
+    """The duplicate key of a passage (or query) text: ``text_uid(normalize_text(text))``, equal
+    in both data formats; ``passage_uid_to_int64(text_key(t))`` is the id the loss masks on."""
+    return text_uid(normalize_text(text))

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from embedcore.errors import ModelError, PathNotFound
 from embedcore.models.bidirectional import BIDIRECTIONAL_FAMILIES, check_bidirectional, make_bidirectional
 
 DECODER_PADDING_SIDE = "left"
@@ -29,7 +30,7 @@ DECODER_PADDING_SIDE = "left"
 def _require_folder(path) -> str:
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(
+        raise PathNotFound(
             f"model folder {path!r} does not exist or is not a directory (models are loaded from local "
             f"folders only, never downloaded)"
         )
@@ -54,7 +55,7 @@ def resolve_model_folder(path, require_config: bool = True) -> tuple[str, dict[s
     if ours is not None:
         settings = {**(settings or {"transformer_path": path}), **ours}
     if require_config and not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"model folder {folder!r} has no config.json (is it a Hugging Face model folder?)")
+        raise PathNotFound(f"model folder {folder!r} has no config.json (is it a Hugging Face model folder?)")
     return folder, settings
 
 
@@ -62,10 +63,29 @@ def load_config(folder: str):
     """AutoConfig from a local folder, with an error naming the folder."""
     from transformers import AutoConfig
 
+    if _needs_remote_code(folder):
+        raise ModelError(f"model folder {folder!r}: its config.json names custom code (auto_map); a model that "
+                         f"needs remote code (trust_remote_code) is never run here")
     try:
-        return AutoConfig.from_pretrained(folder, local_files_only=True)
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the path, the original chained
-        raise ValueError(f"cannot read the model config in {folder!r}: {e}") from e
+        raise ModelError(f"cannot read the model config in {folder!r}: {_first_line(e)}") from e
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _needs_remote_code(folder: str) -> bool:
+    """A config.json with an auto_map names Python files of the folder that transformers would import."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return False  # AutoConfig reports the unreadable file
+    return isinstance(cfg, dict) and bool(cfg.get("auto_map"))
 
 
 def is_decoder_family(config) -> bool:
@@ -79,7 +99,7 @@ def is_decoder_family(config) -> bool:
     )
 
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        raise ValueError(
+        raise ModelError(
             f"decoder-only model_type {model_type!r} is not supported as an embedding backbone: only "
             f"{BIDIRECTIONAL_FAMILIES} are made bidirectional; encoders (BERT, RoBERTa, XLM-R, ModernBERT...) "
             f"are used as they are"
@@ -107,13 +127,15 @@ def load_backbone(path, torch_dtype: torch.dtype = torch.float32, attn_implement
     folder, st = resolve_model_folder(path)
     config = load_config(folder)
     is_decoder = is_decoder_family(config)
-    kwargs = {"dtype": torch_dtype, "local_files_only": True}
+    # Safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when loaded.
+    kwargs = {"dtype": torch_dtype, "local_files_only": True, "use_safetensors": True, "trust_remote_code": False}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModel.from_pretrained(folder, config=config, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the path
-        raise ValueError(f"cannot load the model weights in {folder!r}: {e}") from e
+        raise ModelError(f"cannot load the model weights in {folder!r} (safetensors only, no pickles): "
+                         f"{_first_line(e)}") from e
     model.config.use_cache = False  # an embedding forward never needs a KV cache
     if is_decoder:
         make_bidirectional(model)
@@ -184,5 +206,5 @@ def load_tokenizer(path, padding_side: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the path
-        raise ValueError(f"cannot load the tokenizer in {folder!r}: {e}") from e
+        raise ModelError(f"cannot load the tokenizer in {folder!r}: {_first_line(e)}") from e
     return prepare_tokenizer(tokenizer, padding_side)

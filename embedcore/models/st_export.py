@@ -7,7 +7,9 @@ Writing (`write_sentence_transformers_files`), the layout every sentence-transfo
     2_Normalize/                      only when l2-normalised
     config_sentence_transformers.json prompts {"query": "<query_prefix> ", "document": "<passage_prefix> "}
                                       (our collator feeds prefix + " " + text, ST feeds prompt + text, so
-                                      the prompt carries the space), similarity_fn_name cosine | dot
+                                      the prompt carries the space), similarity_fn_name cosine | dot;
+                                      with per-dataset instructions also "<corpus_id>:query" /
+                                      "<corpus_id>:document" (add_prompts, embedcore.data.instructions)
     sentence_bert_config.json         max_seq_length, do_lower_case false
 The model's config.json / weights / tokenizer are written by the caller (Biencoder.save_pretrained).
 
@@ -77,6 +79,43 @@ def prompt_to_prefix(prompt: str | None, where: str) -> str | None:
 def prefix_to_prompt(prefix: str | None) -> str | None:
     """Our prefix -> ST prompt (the inverse of prompt_to_prefix); empty or None -> no prompt."""
     return f"{prefix} " if prefix else None
+
+
+def add_prompts(out_dir: str, prompts: dict | None) -> None:
+    """Add named prompts ({name: our prefix}) to an export written by write_sentence_transformers_files
+    (config_sentence_transformers.json, as ST prompts: prefix + " ", "" for no prefix) and to
+    embedcore_biencoder.json ("prompts"); passage_encoder/ too when it exists. No-op for none."""
+    if not prompts:
+        return
+    for folder in (out_dir, os.path.join(out_dir, "passage_encoder")):
+        st_file = os.path.join(folder, "config_sentence_transformers.json")
+        if os.path.isfile(st_file):
+            cfg = _read_json(st_file, "sentence-transformers config")
+            cfg["prompts"] = {**(cfg.get("prompts") or {}),
+                              **{name: prefix_to_prompt(prefix) or "" for name, prefix in prompts.items()}}
+            _write_json(st_file, cfg)
+        ours = os.path.join(folder, EMBEDCORE_SETTINGS)
+        if os.path.isfile(ours):
+            cfg = _read_json(ours, "embedcore biencoder settings")
+            cfg["prompts"] = {**(cfg.get("prompts") or {}), **prompts}
+            _write_json(ours, cfg)
+
+
+def read_prompts(path: str) -> dict:
+    """Every named prompt of a model folder as our prefixes ({name: prefix}): embedcore_biencoder.json's
+    "prompts" when our export wrote them, else config_sentence_transformers.json's (one trailing
+    space dropped, see prompt_to_prefix); {} when the folder has neither."""
+    ours = os.path.join(path, EMBEDCORE_SETTINGS)
+    if os.path.isfile(ours):
+        prompts = _read_json(ours, "embedcore biencoder settings").get("prompts")
+        if prompts:
+            return dict(prompts)
+    st_file = os.path.join(path, "config_sentence_transformers.json")
+    if not os.path.isfile(st_file):
+        return {}
+    prompts = _read_json(st_file, "sentence-transformers config").get("prompts") or {}
+    # the same conversion as prompt_to_prefix, without its warning for each unrelated prompt
+    return {name: (p[:-1] if p.endswith(" ") else p) for name, p in prompts.items() if isinstance(p, str)}
 
 
 def _pooling_from_config(cfg: dict, path: str) -> str:

@@ -5,14 +5,25 @@ Built on embedcore.models.biencoder.Biencoder.from_pretrained, so it reads our e
 sentence-transformers folders (pooling, Normalize, prompts, max_seq_length come from them).
 A bare Hugging Face folder carries no pooling: the recipe's defaults (avg, L2-normalised) are
 used and said in the log, unless the caller passes them.
+
+Prefixes per dataset (mining and evaluation, one corpus at a time: ``prefixes_for``), per side:
+1. a prefix the caller gave explicitly (``--query-prefix``, ``mining.query_prefix``) is the base;
+2. else, when the folder has a prompt for that corpus (``"<corpus_id>:query"`` /
+   ``"<corpus_id>:document"``, written by our export when the corpus was trained with its own
+   instructions), that prompt is used as it is: it is what training fed for that corpus;
+3. else the folder's own prefix (its ``query`` / ``document`` prompt) is the base.
+With ``use_instructions`` the base is then combined with the corpus's instruction by the
+training rule (embedcore.data.instructions.resolve_prefix).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
 import torch
 
+from embedcore.errors import ConfigError, ModelError
 from embedcore.ops.pool_l2 import MODES
 
 log = logging.getLogger("embedcore.retrieval")
@@ -34,6 +45,8 @@ class RetrievalModel:
         self.tokenizer = tokenizer
         self.pooling, self.l2_normalize = biencoder.pooling, biencoder.l2_normalize
         self.query_prefix, self.passage_prefix = query_prefix, passage_prefix
+        self.prompts: dict = {}  # named prompts of the folder ({name: prefix}), see prefixes_for
+        self.explicit_prefixes = (False, False)  # (query, passage) given by the caller, not the folder's
         self.max_seq_length = max_seq_length
         self.device = torch.device(device)
         self.path = path
@@ -42,6 +55,38 @@ class RetrievalModel:
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, kind: str) -> torch.Tensor:
         return self.biencoder.encode(input_ids, attention_mask, kind)
+
+    def prefixes_for(self, dataset: str | None, instructions=(None, None), use_instructions: bool = False):
+        """(query prefix, passage prefix) for one corpus by the rule of the module docstring.
+
+        dataset: the corpus id (None: a source without one, e.g. a BEIR folder or inline data);
+        instructions: that corpus's (query_instruction, passage_instruction).
+        """
+        from embedcore.data.instructions import prompt_names, resolve_prefix
+
+        names = prompt_names(dataset) if dataset is not None else (None, None)
+        out = []
+        for side, base, explicit, name, instruction in (
+                ("query_prefix", self.query_prefix, self.explicit_prefixes[0], names[0], instructions[0]),
+                ("passage_prefix", self.passage_prefix, self.explicit_prefixes[1], names[1], instructions[1])):
+            if not explicit and name in self.prompts:
+                out.append(self.prompts[name])
+            elif use_instructions:
+                where = f"{self.path}: {side} for {'corpus ' + repr(dataset) if dataset is not None else 'the data'}"
+                out.append(resolve_prefix(base, instruction, where))
+            else:
+                out.append(base)
+        return tuple(p or None for p in out)
+
+    @contextlib.contextmanager
+    def using_prefixes(self, query_prefix: str | None, passage_prefix: str | None):
+        """Within the block, query_prefix / passage_prefix are these (one corpus's, see prefixes_for)."""
+        saved = self.query_prefix, self.passage_prefix
+        self.query_prefix, self.passage_prefix = query_prefix, passage_prefix
+        try:
+            yield self
+        finally:
+            self.query_prefix, self.passage_prefix = saved
 
     @classmethod
     def load(cls, path, *, device=None, dtype="float32", pooling=None, l2_normalize=None,
@@ -57,25 +102,30 @@ class RetrievalModel:
         device = torch.device(device) if device is not None else D.default_device()
         if isinstance(dtype, str):
             if dtype not in _DTYPES:
-                raise ValueError(f"{key}: unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+                raise ConfigError(f"{key}: unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
             dtype = _DTYPES[dtype]
         if pooling is not None and pooling not in MODES:
-            raise ValueError(f"{key}: unknown pooling {pooling!r}; expected one of {MODES}")
+            raise ConfigError(f"{key}: unknown pooling {pooling!r}; expected one of {MODES}")
         separate = os.path.isfile(os.path.join(os.fspath(path), "passage_encoder", "config.json"))
         try:
             biencoder = Biencoder.from_pretrained(path, share_encoder=not separate, pooling=pooling,
                                                   l2_normalize=l2_normalize, torch_dtype=dtype)
             tokenizer = load_tokenizer(path, padding_side=biencoder.padding_side)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{key}: cannot load the model {str(path)!r}: {e}") from e
+        except (OSError, ValueError) as e:  # missing folders, unreadable configs, refused weights (ModelError)
+            raise ModelError(f"{key}: cannot load the model {str(path)!r}: {e}") from e
         info = biencoder.info
         if info.get("pooling") is None and pooling is None:
             log.warning("%s: %s does not say its pooling; using %s, L2-normalised: %s", key, path,
                         biencoder.pooling, biencoder.l2_normalize)
+        explicit = (query_prefix is not None, passage_prefix is not None)
         if query_prefix is None:
             query_prefix = info.get("query_prefix")
         if passage_prefix is None:
             passage_prefix = info.get("passage_prefix")
         biencoder.to(device).eval()
-        return cls(biencoder, tokenizer, query_prefix=query_prefix or None, passage_prefix=passage_prefix or None,
-                   max_seq_length=info.get("max_seq_length"), device=device, path=str(path))
+        model = cls(biencoder, tokenizer, query_prefix=query_prefix or None, passage_prefix=passage_prefix or None,
+                    max_seq_length=info.get("max_seq_length"), device=device, path=str(path))
+        from embedcore.models.st_export import read_prompts
+
+        model.prompts, model.explicit_prefixes = read_prompts(os.fspath(path)), explicit
+        return model

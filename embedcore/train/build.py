@@ -11,7 +11,7 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
-from embedcore.train.config import DataLoaderConfig, ModelConfig, TrainConfig
+from embedcore.train.config import ConfigError, DataLoaderConfig, ModelConfig, TrainConfig
 from embedcore.train.distributed import DistInfo, barrier
 
 log = logging.getLogger(__name__)
@@ -104,16 +104,42 @@ def build_dataset(cfg: TrainConfig, dl: DataLoaderConfig, train: bool):
     ds = dl.dataset
     examples = load_examples(list(ds.data_dir_list), skip_bad=ds.skip_bad_examples)
     seed = cfg.seed if ds.seed is None else ds.seed
+    prefixes = dataset_prefixes_of(dl, examples)
     if train and ds.do_shuffle:
-        dataset = RetrievalDataset(examples, n_passages=cfg.train_n_passages, seed=seed, train=True)
+        dataset = RetrievalDataset(examples, n_passages=cfg.train_n_passages, seed=seed, train=True,
+                                   prefixes=prefixes)
     elif train:  # the reference's choice: first positive, first negatives cyclically
         dataset = RetrievalDataset(examples, n_passages=cfg.train_n_passages, seed=seed, train=False,
-                                   eval_negative_size=cfg.train_n_passages - 1)
+                                   eval_negative_size=cfg.train_n_passages - 1, prefixes=prefixes)
     else:
         dataset = RetrievalDataset(examples, n_passages=cfg.train_n_passages, seed=seed, train=False,
-                                   eval_negative_size=cfg.eval_negative_size)
+                                   eval_negative_size=cfg.eval_negative_size, prefixes=prefixes)
+    if prefixes is not None:
+        for cid, (qp, pp) in prefixes.items():
+            log.info("%s: instructions: %s -> query prefix %r, passage prefix %r",
+                     "dataloader" if train else "validation_dataloader",
+                     "inline data" if cid is None else f"corpus {cid!r}", qp, pp)
     log.info("%s: %s", "dataloader" if train else "validation_dataloader", dataset.summary())
     return dataset
+
+
+def dataset_prefixes_of(dl: DataLoaderConfig, examples) -> dict | None:
+    """{corpus_id: (query prefix, passage prefix)} under dataset.use_instructions (the rule of
+    embedcore.data.instructions), or None when it is off (the collator's prefixes apply)."""
+    from embedcore.data.instructions import dataset_prefixes
+
+    if not dl.dataset.use_instructions:
+        return None
+    return dataset_prefixes(examples, dl.collate_fn.query_prefix, dl.collate_fn.passage_prefix)
+
+
+def export_prompts(cfg: TrainConfig, train_set) -> tuple:
+    """(query prefix, passage prefix, {prompt name: prefix}) for the export: what training fed
+    (embedcore.data.instructions.export_prompts; the configured prefixes when instructions are off)."""
+    from embedcore.data.instructions import export_prompts as prompts_of
+
+    c = cfg.dataloader.collate_fn
+    return prompts_of(getattr(train_set, "prefixes", None), c.query_prefix, c.passage_prefix)
 
 
 def build_collator(dl: DataLoaderConfig, tokenizer):
@@ -129,13 +155,31 @@ def build_train_loader(cfg: TrainConfig, dataset, collator, info: DistInfo):
     local_batch_size x world examples, so the split does not change the global batches."""
     from embedcore.data.sampler import ResumableSampler
 
-    dl, L = cfg.dataloader, cfg.step_scheduler.local_batch_size
-    if dl.batch_size is not None and dl.batch_size != L:
-        raise ValueError(f"dataloader.batch_size: {dl.batch_size} differs from step_scheduler.local_batch_size {L}; "
-                         f"the training batch per rank is step_scheduler.local_batch_size (drop dataloader.batch_size)")
-    seed = cfg.seed if dl.dataset.seed is None else dl.dataset.seed
-    sampler = ResumableSampler(len(dataset), num_replicas=info.world_size, rank=info.rank, shuffle=dl.shuffle,
-                               seed=seed, drop_last=True, global_batch_size=L * info.world_size)
+    dl, L = cfg.dataloader, cfg.step_scheduler.local_batch_size  # config.validate checked batch_size == L
+    ds = dl.dataset
+    seed = cfg.seed if ds.seed is None else ds.seed
+    if ds.sampling != "proportional" or ds.homogeneous_batches or ds.no_duplicates:
+        from embedcore.data.mixing import MixingSampler
+
+        try:
+            sampler = MixingSampler(dataset.file_indices, num_replicas=info.world_size, rank=info.rank,
+                                    shuffle=dl.shuffle, seed=seed, global_batch_size=L * info.world_size,
+                                    sampling=ds.sampling, weights=ds.data_weights,
+                                    homogeneous=ds.homogeneous_batches,
+                                    keys_of=dataset.group_keys if ds.no_duplicates else None,
+                                    num_datasets=len(ds.data_dir_list))
+        except ValueError as e:
+            raise ConfigError(f"dataloader.dataset: {e}") from None
+        if info.is_main:
+            shares = sum(sampler.shares)
+            log.info("dataloader: sampling %s%s%s: %s", ds.sampling,
+                     ", homogeneous batches" if ds.homogeneous_batches else "",
+                     ", no duplicates" if ds.no_duplicates else "",
+                     "; ".join(f"{path}: {n} examples, {100 * w / shares:.1f}% of each epoch"
+                               for path, n, w in zip(ds.data_dir_list, sampler.sizes, sampler.shares)))
+    else:  # the plain order (bit-identical to runs before mixing existed)
+        sampler = ResumableSampler(len(dataset), num_replicas=info.world_size, rank=info.rank, shuffle=dl.shuffle,
+                                   seed=seed, drop_last=True, global_batch_size=L * info.world_size)
     # A private generator: creating an iterator then draws its worker seed from it, not from the
     # global RNG (whose state is checkpointed for dropout and must not depend on when iterators start).
     loader = DataLoader(dataset, batch_size=L, sampler=sampler, collate_fn=collator, num_workers=dl.num_workers,

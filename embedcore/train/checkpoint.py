@@ -34,16 +34,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from embedcore.errors import CheckpointError
+from embedcore.files import replace_text, write_json
 from embedcore.train.distributed import DistInfo, barrier, broadcast_object
 
 log = logging.getLogger(__name__)
 
 LATEST = "LATEST"
 STATE_FILE = "state.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be found, is incomplete, or does not fit this run."""
 
 
 def step_folder_name(step: int) -> str:
@@ -106,23 +104,6 @@ def _set_rng_state(tensors: dict, meta: dict, info: DistInfo) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _write_json(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace_text(path: str, text: str) -> None:
-    """Write `text` to `path` atomically (temp file + fsync + os.replace)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------- save
 def save_checkpoint(checkpoint_dir: str, step: int, model, optimizer, scheduler, train_state: dict,
                     info: DistInfo, trainable_only: bool = False) -> str:
@@ -140,22 +121,22 @@ def save_checkpoint(checkpoint_dir: str, step: int, model, optimizer, scheduler,
     barrier(info)
     rng_tensors, rng_meta = _rng_state(info)
     save_file(rng_tensors, os.path.join(tmp, "rng", f"rank_{info.rank}.safetensors"))
-    _write_json(os.path.join(tmp, "rng", f"rank_{info.rank}.json"), rng_meta)
+    write_json(os.path.join(tmp, "rng", f"rank_{info.rank}.json"), rng_meta)
     if info.is_main:
         save_file({k: v.contiguous() for k, v in model_sd.items()}, os.path.join(tmp, "model", "model.safetensors"),
                   metadata={"format": "pt"})
         tensors, meta = _flatten_optimizer(optim_sd)
         save_file(tensors, os.path.join(tmp, "optim", "optimizer.safetensors"))
-        _write_json(os.path.join(tmp, "optim", "optimizer.json"), meta)
+        write_json(os.path.join(tmp, "optim", "optimizer.json"), meta)
         state = {"step": step, "world_size": info.world_size, "trainable_only": trainable_only,
                  "scheduler": scheduler.state_dict(), **train_state}
     barrier(info)  # every rank's RNG file is in place before the folder is declared complete
     if info.is_main:
-        _write_json(os.path.join(tmp, STATE_FILE), state)  # written last: its presence marks completeness
+        write_json(os.path.join(tmp, STATE_FILE), state)  # written last: its presence marks completeness
         if os.path.exists(final):  # a stale folder of the same step (a run resumed from an earlier one)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _replace_text(os.path.join(checkpoint_dir, LATEST), step_folder_name(step) + "\n")
+        replace_text(os.path.join(checkpoint_dir, LATEST), step_folder_name(step) + "\n")
     barrier(info)
     return final
 

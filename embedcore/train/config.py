@@ -11,6 +11,7 @@ implementation; anything else is refused. A config never imports code.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -19,9 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration: the message names the key (dotted path) and what was expected."""
+from embedcore.errors import ConfigError
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,6 +173,24 @@ class DatasetConfig:
     false: the reference's fixed choice (first positive, first negatives, cyclically)."""
     skip_bad_examples: bool = False
     """Skip (and count) malformed examples instead of stopping with an error."""
+    # --- data mixing, instructions, no duplicates (issue 17) ---
+    use_instructions: bool = False
+    """Apply each corpus's query_instruction / passage_instruction (merlin_metadata.json) as its
+    prefix: it overrides collate_fn.query_prefix / passage_prefix, or fills their {task} when
+    they are templates ("Instruct: {task}\nQuery:"); see embedcore.data.instructions."""
+    sampling: Literal["proportional", "round_robin", "weights"] = "proportional"
+    """Training, several data files: how much each file feeds an epoch (always N // global
+    batch batches). proportional: by size (with homogeneous_batches false: the plain shuffle);
+    round_robin: equal turns; weights: by data_weights. See embedcore.data.mixing."""
+    data_weights: Optional[list[float]] = None
+    """sampling: weights: one share (>= 0, not all 0) per data_dir_list entry."""
+    homogeneous_batches: bool = False
+    """Training: every global batch (all ranks) from one data file, so in-batch negatives are
+    of the same task."""
+    no_duplicates: bool = False
+    """Training: keep a query's text, positive and negatives out of the other queries' slots of
+    its global batch (as sentence-transformers' NoDuplicatesBatchSampler); a duplicate no
+    candidate nearby can avoid is kept (and masked by passage id) and counted in the log."""
 
 
 @dataclass
@@ -263,6 +280,8 @@ class CheckpointConfig:
     """Resume from LATEST (in checkpoint_dir) or from a step folder path."""
     export_merged_lora: bool = False
     """LoRA runs: also export the model with the adapter merged (model/merged)."""
+    save_on_interrupt: bool = True
+    """On SIGINT / SIGTERM: finish the step in flight, save a checkpoint, exit 130 / 143."""
 
 
 @dataclass
@@ -322,6 +341,19 @@ class EvaluationConfig:
 
 
 @dataclass
+class DivergenceConfig:
+    """Guards that stop a run before a blown-up state becomes a checkpoint (embedcore.train.guards).
+    A NaN/inf loss or gradient norm always stops the run; these catch finite blow-ups too."""
+    loss_spike_factor: Optional[float] = 10.0
+    """Stop when the largest loss since the last log step exceeds this times the median of the
+    earlier intervals' largest losses (after 3 intervals; null: off)."""
+    grad_norm_spike_factor: Optional[float] = 100.0
+    """The same rule for the gradient norm before clipping (null: off)."""
+    max_abs_weight: Optional[float] = 1.0e4
+    """Refuse to save (and stop) when a trainable weight is larger than this in magnitude (null: off)."""
+
+
+@dataclass
 class TrainConfig:
     seed: int = 42
     """Seed of model init, sampling, dropout."""
@@ -355,6 +387,8 @@ class TrainConfig:
     """LoRA (optional): only adapter weights are trained."""
     evaluation: Optional[EvaluationConfig] = None
     """Retrieval evaluation of the export at the end of training (optional)."""
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    """When a run counts as diverged (stopped, nothing saved)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,8 +594,23 @@ def _positive(key: str, value, allow_zero=False):
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _check_finite_numbers(section, key: str = "") -> None:
+    """Every float of the config (and of its lists) is finite: an infinite learning rate or a NaN
+    temperature is refused here, naming the key, before any model is built."""
+    for f in dataclasses.fields(section):
+        value, name = getattr(section, f.name), f"{key}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite_numbers(value, name + ".")
+        values = value if isinstance(value, list) else [value]
+        for i, v in enumerate(values):
+            if isinstance(v, float) and not math.isfinite(v):
+                where = f"{name}[{i}]" if isinstance(value, list) else name
+                raise ConfigError(f"{where}: must be a finite number, got {v}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Checks across keys (each error names the key)."""
+    _check_finite_numbers(cfg)
     s = cfg.step_scheduler
     _positive("train_n_passages", cfg.train_n_passages)
     _positive("eval_negative_size", cfg.eval_negative_size, allow_zero=True)
@@ -605,6 +654,13 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("validation_dataloader.dataset.data_type: must be eval")
     if cfg.dataloader.dataset.data_type != "train":
         raise ConfigError("dataloader.dataset.data_type: must be train")
+    if cfg.dataloader.batch_size is not None and cfg.dataloader.batch_size != s.local_batch_size:
+        raise ConfigError(f"dataloader.batch_size: {cfg.dataloader.batch_size} differs from "
+                          f"step_scheduler.local_batch_size {s.local_batch_size}; the training batch per rank is "
+                          f"step_scheduler.local_batch_size (drop dataloader.batch_size)")
+    if s.global_batch_size % s.local_batch_size:
+        raise ConfigError(f"step_scheduler.global_batch_size: {s.global_batch_size} is not a multiple of "
+                          f"step_scheduler.local_batch_size {s.local_batch_size}")
     resolve_target("model", cfg.model._target_)
     resolve_target("tokenizer", cfg.tokenizer._target_)
     resolve_target("optimizer", cfg.optimizer._target_)
@@ -643,6 +699,41 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("checkpoint.restore_from: empty; use LATEST or a step folder")
     if cfg.evaluation is not None:
         _validate_evaluation(cfg)
+    _validate_divergence(cfg)
+    _validate_data_mixing(cfg)
+
+
+def _validate_divergence(cfg: TrainConfig) -> None:
+    d = cfg.divergence
+    for key in ("loss_spike_factor", "grad_norm_spike_factor"):
+        value = getattr(d, key)
+        if value is not None and not value > 1:
+            raise ConfigError(f"divergence.{key}: must be > 1 (or null: off), got {value}")
+    _positive("divergence.max_abs_weight", d.max_abs_weight)
+
+
+def _validate_data_mixing(cfg: TrainConfig) -> None:
+    ds = cfg.dataloader.dataset
+    if ds.sampling == "weights":
+        w = ds.data_weights
+        if w is None or len(w) != len(ds.data_dir_list):
+            raise ConfigError(f"dataloader.dataset.data_weights: sampling weights needs one weight per "
+                              f"data_dir_list entry ({len(ds.data_dir_list)}), got {w}")
+        for i, v in enumerate(w):
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"dataloader.dataset.data_weights[{i}]: must be a finite number >= 0, got {v}")
+        if not sum(w) > 0:
+            raise ConfigError(f"dataloader.dataset.data_weights: at least one weight must be > 0, got {w}")
+    elif ds.data_weights is not None:
+        raise ConfigError(f"dataloader.dataset.data_weights: only used with sampling: weights "
+                          f"(sampling is {ds.sampling})")
+    v = cfg.validation_dataloader
+    if v is not None:  # validation reads every example once, in file order: no mixing there
+        vd, default = v.dataset, DatasetConfig()
+        for key in ("sampling", "data_weights", "homogeneous_batches", "no_duplicates"):
+            if getattr(vd, key) != getattr(default, key):
+                raise ConfigError(f"validation_dataloader.dataset.{key}: only for training (validation "
+                                  f"reads every example once, in file order)")
 
 
 def _validate_evaluation(cfg: TrainConfig) -> None:

@@ -129,6 +129,13 @@ def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Maximum of x over ranks (in place, returned)."""
+    if info.initialized and info.world_size > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def broadcast_object(obj, info: DistInfo):
     """Rank 0's Python object on every rank."""
     if not info.initialized or info.world_size == 1:

@@ -74,11 +74,18 @@ def export_final(trainer, checkpoint_folder: str) -> dict:
                 from embedcore.lora.peft_format import merge_lora
 
                 merge_lora(model)  # in place: LoRALinear -> nn.Linear with the merged weight
-            out["consolidated"] = _atomic_folder(
-                os.path.join(target, "consolidated"),
-                lambda d: model.save_pretrained(d, trainer.tokenizer, query_prefix=coll.query_prefix,
-                                                passage_prefix=coll.passage_prefix,
-                                                max_seq_length=max(coll.q_max_len, coll.p_max_len)))
+            from embedcore.models.st_export import add_prompts
+
+            # The prefixes training fed (per-dataset instructions resolved; the configured ones
+            # when instructions are off), and one named prompt pair per instructed corpus.
+            query_prefix, passage_prefix, prompts = build.export_prompts(cfg, trainer.train_set)
+
+            def write_consolidated(d):
+                model.save_pretrained(d, trainer.tokenizer, query_prefix=query_prefix, passage_prefix=passage_prefix,
+                                      max_seq_length=max(coll.q_max_len, coll.p_max_len))
+                add_prompts(d, prompts)
+
+            out["consolidated"] = _atomic_folder(os.path.join(target, "consolidated"), write_consolidated)
         for kind, path in out.items():
             log.info("exported %s: %s", kind, path)
     barrier(info)

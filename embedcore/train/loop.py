@@ -13,16 +13,20 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from embedcore.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
 from embedcore.train import build
+from embedcore.files import check_writable_folder
 from embedcore.train.checkpoint import latest_folder, load_checkpoint, resolve_restore, save_checkpoint
 from embedcore.train.config import TrainConfig, to_dict
 from embedcore.train.distributed import (DistInfo, all_reduce_sum, barrier, destroy_distributed, init_distributed,
                                          shard_model)
+from embedcore.train.guards import DivergenceGuard, InterruptFlag
 from embedcore.train.evaluation import check_evaluation_data, run_final_evaluation
 from embedcore.train.export import export_final
 from embedcore.train.logging import ProgressBar, RunLogger, peak_memory_gib, setup_logging
@@ -31,10 +35,6 @@ from embedcore.train.optim import WarmupDecaySchedule, build_optimizer
 from embedcore.train.validation import run_validation
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the run stopped without saving the bad weights."""
 
 
 @dataclass
@@ -57,7 +57,7 @@ def accumulation_steps(cfg: TrainConfig, world: int) -> int:
     s = cfg.step_scheduler
     per_pass = s.local_batch_size * world
     if s.global_batch_size % per_pass:
-        raise ValueError(
+        raise ConfigError(
             f"step_scheduler.global_batch_size: {s.global_batch_size} is not a multiple of local_batch_size "
             f"{s.local_batch_size} x {world} rank(s) = {per_pass}"
         )
@@ -72,6 +72,20 @@ class Trainer:
         s = cfg.step_scheduler
         build.gpu_only_notices(cfg, info.device, self.notice)
         self.dtype = build.compute_dtype(cfg.model, info.device, self.notice)
+        # Everything that can be checked without the model is checked before it is built.
+        self.accum = accumulation_steps(cfg, info.world_size)
+        self.train_set = build.build_dataset(cfg, cfg.dataloader, train=True)
+        self.steps_per_epoch = steps_per_epoch(len(self.train_set), s.local_batch_size, info.world_size, self.accum)
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"step_scheduler.global_batch_size: {s.global_batch_size} is larger than the training set "
+                f"({len(self.train_set)} examples after skipping): not one optimizer step per epoch"
+            )
+        if cfg.evaluation is not None:
+            check_evaluation_data(cfg.evaluation)  # before training, not after it
+        self.ckpt_dir = cfg.checkpoint.checkpoint_dir
+        if cfg.checkpoint.enabled and info.is_main:
+            check_writable_folder(self.ckpt_dir)
         torch.manual_seed(cfg.seed)  # same on every rank: identical LoRA init before sharding
         random.seed(cfg.seed)
         build.maybe_build_tiny_model(cfg, info)
@@ -89,21 +103,11 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(info.device.type, dtype=self.dtype)) if use_autocast \
             else contextlib.nullcontext
 
-        self.train_set = build.build_dataset(cfg, cfg.dataloader, train=True)
         self.collator = build.build_collator(cfg.dataloader, self.tokenizer)
         self.loader, self.sampler = build.build_train_loader(cfg, self.train_set, self.collator, info)
-        self.accum = accumulation_steps(cfg, info.world_size)
-        self.steps_per_epoch = steps_per_epoch(len(self.train_set), s.local_batch_size, info.world_size, self.accum)
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"step_scheduler.global_batch_size: {s.global_batch_size} is larger than the training set "
-                f"({len(self.train_set)} examples after skipping): not one optimizer step per epoch"
-            )
         self.total_steps = self.steps_per_epoch * s.num_epochs
         if s.max_steps is not None:  # whichever ends first: max_steps or num_epochs
             self.total_steps = min(self.total_steps, s.max_steps)
-        if cfg.evaluation is not None:
-            check_evaluation_data(cfg.evaluation)  # before training, not after it
         self.val_set = self.val_collator = None
         if cfg.validation_dataloader is not None:
             self.val_set = build.build_dataset(cfg, cfg.validation_dataloader, train=False)
@@ -113,7 +117,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer, info.device, self.notice)
         self.scheduler = WarmupDecaySchedule(self.optimizer, cfg.lr_scheduler, cfg.optimizer.lr, self.total_steps)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.ckpt_dir = cfg.checkpoint.checkpoint_dir
+        self.guard = DivergenceGuard(cfg.divergence, info.device)
         self.logger = RunLogger(self.ckpt_dir, info.is_main)
         self.step, self.epoch, self.batches_in_epoch, self.iter_batches = 0, 0, 0, 0
         self._sampler_state = None
@@ -129,7 +133,6 @@ class Trainer:
                             os.path.basename(previous))
             self.logger.reset()
         # Device-side bookkeeping, read on log steps only (no host sync per step).
-        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=info.device)
         self.interval_tokens = torch.zeros((), dtype=torch.float64, device=info.device)
 
     # ------------------------------------------------------------------ helpers
@@ -140,7 +143,7 @@ class Trainer:
     def _resume(self, folder: str) -> None:
         state = load_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.info)
         if state["global_batch_size"] != self.cfg.step_scheduler.global_batch_size:
-            raise ValueError(f"checkpoint {folder}: global_batch_size {state['global_batch_size']} differs from "
+            raise CheckpointError(f"checkpoint {folder}: global_batch_size {state['global_batch_size']} differs from "
                              f"step_scheduler.global_batch_size {self.cfg.step_scheduler.global_batch_size}")
         self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
         self._sampler_state = state["sampler"]
@@ -155,13 +158,19 @@ class Trainer:
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "sampler": sampler,
                 "global_batch_size": self.cfg.step_scheduler.global_batch_size, "config": to_dict(self.cfg)}
 
+    def _last_good(self) -> str:
+        last = latest_folder(self.ckpt_dir) if self.cfg.checkpoint.enabled else None
+        if last is None:
+            return "no checkpoint was saved before it"
+        return (f"the last good checkpoint is {last} (LATEST still points at it; resume with "
+                f"--checkpoint.restore_from LATEST, perhaps with a lower optimizer.lr)")
+
     def _check_finite(self) -> None:
-        bad = int(self.first_bad_step.item())
-        if bad >= 0:
-            last = latest_folder(self.ckpt_dir) if self.cfg.checkpoint.enabled else None
-            where = f"the last good checkpoint is {last} (resume with checkpoint.restore_from: LATEST, " \
-                    f"perhaps with a lower optimizer.lr)" if last else "no checkpoint was saved before it"
-            raise TrainingDiverged(f"training stopped: the loss became NaN or inf at step {bad}; {where}")
+        """Stop (TrainingDiverged) if a step's loss or gradient norm was NaN/inf, or a divergence
+        guard tripped. Reads device values: called on log, validation and save steps only."""
+        why = self.guard.check(self.info)
+        if why:
+            raise TrainingDiverged(f"training stopped at step {self.step}: {why}; {self._last_good()}")
 
     def _micro_step(self, batch: dict) -> torch.Tensor:
         cfg, info = self.cfg, self.info
@@ -198,7 +207,11 @@ class Trainer:
     def _save(self) -> str | None:
         if not self.cfg.checkpoint.enabled:
             return None
-        self._check_finite()  # never save weights that went through a NaN/inf step
+        self._check_finite()  # never save weights that went through a NaN/inf step or a blow-up
+        why = self.guard.check_weights(self.trainable, self.optimizer, self.info)
+        if why:  # nothing is written: LATEST keeps naming the last good checkpoint
+            raise TrainingDiverged(f"training stopped at step {self.step}, checkpoint not saved: {why}; "
+                                   f"{self._last_good()}")
         return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
                                self._train_state(), self.info, trainable_only=self.lora is not None)
 
@@ -219,9 +232,10 @@ class Trainer:
         bar = ProgressBar(self.total_steps, self.step, info.is_main)
         self.model.train()
         last_saved = last_validated = self.step
+        stop = InterruptFlag()
         t0, steps_in_interval = time.perf_counter(), 0
         loss = torch.zeros((), device=info.device)
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and not stop.agreed(info):
             if self.batches_in_epoch == 0 or self._sampler_state is not None:
                 self.sampler.set_epoch(self.epoch)
                 self.train_set.set_epoch(self.epoch)
@@ -241,9 +255,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             lr = self.scheduler.current_lr
             self.scheduler.step()
-            bad = ~torch.isfinite(loss)
-            self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), torch.full_like(self.first_bad_step,
-                                              self.step + 1), self.first_bad_step)
+            self.guard.observe(self.step + 1, loss, grad_norm)
             self.step += 1
             steps_in_interval += 1
             bar.update()
@@ -261,6 +273,9 @@ class Trainer:
                 result.checkpoint = self._save()
                 last_saved = self.step
         bar.close()
+        stop.restore()
+        if stop.signum:
+            self._stop_on_interrupt(stop.signum, already_saved=last_saved == self.step)
         self._check_finite()
         if self.val_set is not None and last_validated != self.step:
             result.validations.append(self._validate())
@@ -276,6 +291,18 @@ class Trainer:
             result.evaluation = run_final_evaluation(self, result.export["consolidated"])
         result.step = self.step
         return result
+
+    def _stop_on_interrupt(self, signum: int, already_saved: bool) -> None:
+        """After SIGINT/SIGTERM: the step in flight was finished; save it (unless
+        checkpoint.save_on_interrupt is false) and stop with exit code 128 + signal."""
+        ck = self.cfg.checkpoint
+        name = signal.Signals(signum).name
+        if ck.enabled and ck.save_on_interrupt:
+            path = latest_folder(self.ckpt_dir) if already_saved else self._save()
+            where = f"checkpoint {path} saved; resume with --checkpoint.restore_from LATEST"
+        else:
+            where = "no checkpoint saved (checkpoint.save_on_interrupt or checkpoint.enabled is false)"
+        raise TrainingInterrupted(f"interrupted by {name} at step {self.step}: {where}", 128 + signum)
 
     def _log(self, loss, grad_norm, lr, epoch, t0, steps) -> float:
         stats = torch.stack([loss.double(), grad_norm.double().to(loss.device), self.interval_tokens.to(loss.device)])

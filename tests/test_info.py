@@ -1,0 +1,26 @@
+"""embedcore.info: installed versions next to the lock file's, and a warning on a difference."""
+from embedcore import info
+
+
+def test_the_suite_runs_in_the_locked_environment():
+    # make installs with the lock as constraints; a difference here means an install step ignored it
+    locked = info.read_lock()
+    assert locked is not None and "torch" in locked and "transformers" in locked and "kernels" in locked
+    assert "embedcore" not in locked
+    assert info.lock_mismatches(locked, info.installed_versions()) == []
+    assert "WARNING" not in info.report()
+
+
+def test_a_version_that_differs_from_the_lock_is_warned(tmp_path):
+    lock = tmp_path / "requirements-lock.txt"
+    lock.write_text("# comment\ntorch==0.0.1\nnot-a-package-embedcore-test==1.0\n")
+    installed = info.installed_versions()
+    assert info.lock_mismatches(info.read_lock(str(lock)), installed) == [
+        "not-a-package-embedcore-test not installed, locked 1.0", f"torch {installed['torch']}, locked 0.0.1"]
+    text = info.report(str(lock))
+    assert "WARNING: 2 installed version(s) differ" in text and "<-- differs" in text
+
+
+def test_local_version_labels_are_ignored():
+    assert info.lock_mismatches({"torch": "2.13.0"}, {"torch": "2.13.0+cpu"}) == []
+    assert info.read_lock("/nonexistent/requirements-lock.txt") is None
