@@ -1,7 +1,8 @@
 """embedcore: fused kernels for fine-tuning embedding models, plus a thin trainer.
 
 Ops (each takes backend=None|"torch"|"triton"|"cpp"; see embedcore.backends):
-    pool_l2, contrastive_loss, lora_linear
+    pool_l2, contrastive_loss, maxsim_contrastive_loss (ColBERT late interaction), lora_linear;
+    maxsim_scores (the blockwise MaxSim scorer, forward only)
 Modules:
     Pooler, ContrastiveLoss, LoRALinear
 LoRA on any transformers model:
@@ -20,6 +21,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "contrastive_loss": "embedcore.ops.contrastive",
     "ContrastiveLoss": "embedcore.nn.contrastive",
+    "maxsim_contrastive_loss": "embedcore.ops.maxsim",
+    "maxsim_scores": "embedcore.ops.maxsim",
     "lora_linear": "embedcore.ops.lora_linear",
     "LoRALinear": "embedcore.nn.lora",
     "apply_lora": "embedcore.lora.apply",

@@ -14,9 +14,12 @@ from importlib.metadata import PackageNotFoundError, distributions, version
 
 import torch
 
-from embedcore.backends import backend_status
+from embedcore.backends import backend_status, launch_helpers
 
 LOCK_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "requirements-lock.txt")
+# The public ops and the name of their launch helpers (embedcore.backends.launch_helpers).
+OPS = {"pool_l2": "pool_l2", "contrastive_loss": "contrastive", "maxsim_contrastive_loss": "maxsim",
+       "lora_linear": "lora_linear"}
 # Shown on every report; the other locked packages appear only when they differ.
 SHOWN = ("torch", "triton", "transformers", "kernels", "safetensors", "tokenizers", "huggingface-hub", "peft",
          "sentence-transformers", "numpy")
@@ -81,7 +84,25 @@ def report(lock_path: str = LOCK_FILE) -> str:
     lines.append("backends:")
     for name, (ok, why) in backend_status().items():
         lines.append(f"  {name:7s} {'available' if ok else 'missing: ' + why}")
+    lines.append("ops (backends that can run here; torch always):")
+    status = backend_status()
+    for op, helpers in OPS.items():
+        lines.append(f"  {op:24s} {', '.join(['torch'] + _fast_backends(helpers, status))}")
     return "\n".join(lines)
+
+
+def _fast_backends(helpers: str, status) -> list[str]:
+    """The fast backends whose launch helpers for `helpers` import (and whose runtime is present)."""
+    out = []
+    for name in ("cpp", "triton"):
+        if not status[name][0]:
+            continue
+        try:
+            launch_helpers(helpers, name)
+        except ImportError:
+            continue
+        out.append(name)
+    return out
 
 
 def _version() -> str:

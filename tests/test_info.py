@@ -24,3 +24,14 @@ def test_a_version_that_differs_from_the_lock_is_warned(tmp_path):
 def test_local_version_labels_are_ignored():
     assert info.lock_mismatches({"torch": "2.13.0"}, {"torch": "2.13.0+cpu"}) == []
     assert info.read_lock("/nonexistent/requirements-lock.txt") is None
+
+
+def test_every_public_op_is_listed_with_the_backends_that_run_here():
+    import embedcore
+
+    text = info.report()
+    ops = text[text.index("ops (backends"):].splitlines()[1:]
+    listed = {line.split()[0]: line.split(None, 1)[1] for line in ops}
+    assert set(listed) == set(info.OPS) and all(callable(getattr(embedcore, op)) for op in listed)
+    assert "maxsim_contrastive_loss" in listed
+    assert all(v.startswith("torch, cpp") for v in listed.values())  # make builds the extension

@@ -154,7 +154,7 @@ class ContrastiveLossFunction(torch.autograd.Function):
         if not (need_q or need_p):
             return None, None, None, None, None, None
         # dS carries g / (B * temperature); g stays a 0-dim tensor (no host sync).
-        scale = grad_loss.to(torch.float32) / (q.shape[0] * temperature)
+        scale = grad_loss.to(backends.accumulation_dtype(q.dtype)) / (q.shape[0] * temperature)
         dq, dp = impl.contrastive_backward(q, p, positive_index, passage_ids, lse, scale, temperature, need_q, need_p)
         return dq, dp, None, None, None, None
 
