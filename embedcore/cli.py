@@ -38,18 +38,34 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+_current_prog: str | None = None  # the command line running now (set by run_cli)
+
+
+def report_user_error(e: UserError) -> None:
+    """Print `e` as the running command line's one line, once (rank 0 only for a verdict every
+    rank shares). The trainer calls this itself for such a verdict before its ranks leave
+    together: under torchrun a rank that exits first gets the others killed, perhaps before rank
+    0 has said anything. Outside run_cli (a library caller) nothing is printed."""
+    if _current_prog is None or getattr(e, "reported", False):
+        return
+    e.reported = True
+    if not e.same_on_every_rank or os.environ.get("RANK", "0") == "0":
+        label = "" if isinstance(e, TrainingInterrupted) else "error: "
+        print(f"{_current_prog}: {label}{one_line(e)}", file=sys.stderr, flush=True)
+
+
 def run_cli(prog: str, body: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
+    global _current_prog
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != DEBUG_FLAG]
+    _current_prog = prog
     try:
         return body(argv)
     except UserError as e:
         if debug:
             traceback.print_exc()
-        if not e.same_on_every_rank or os.environ.get("RANK", "0") == "0":
-            label = "" if isinstance(e, TrainingInterrupted) else "error: "
-            print(f"{prog}: {label}{one_line(e)}", file=sys.stderr)
+        report_user_error(e)
         return e.exit_code
     except OSError as e:
         message = environment_error_message(e)
@@ -64,3 +80,5 @@ def run_cli(prog: str, body: Callable[[list[str]], int], argv: list[str] | None 
             traceback.print_exc()
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _current_prog = None

@@ -9,6 +9,7 @@ middle of a step, deterministically, with no sleeps. The wrapping happens in the
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,11 +26,12 @@ import os, signal, sys
 from embedcore.train import cli, loop
 
 config_path, signame, at_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+only_rank = int(sys.argv[4]) if len(sys.argv) > 4 else None  # under torchrun: signal this rank alone
 real_clip = loop.Trainer._clip
 
 
 def clip_then_signal(self):
-    if self.step + 1 == at_step:  # inside optimizer step at_step
+    if self.step + 1 == at_step and only_rank in (None, self.info.rank):  # inside optimizer step at_step
         print("SIGNALLING in step", at_step, flush=True)
         os.kill(os.getpid(), getattr(signal, signame))
     return real_clip(self)
@@ -106,3 +108,26 @@ def test_sigint_without_save_on_interrupt_saves_nothing(setup):
     line = _one_line(proc)
     assert "interrupted by SIGINT at step 2" in line and "no checkpoint saved" in line, line
     assert not (root / "int" / "LATEST").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_when_one_is_interrupted(setup):
+    """Under torchrun a signal that reaches one rank stops every rank after the same step, with
+    one checkpoint of that step (FSDP's save is collective: ranks that disagreed would hang)."""
+    root, model, train, driver = setup
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    data = _config(root, model, train, "two_ranks")
+    data["step_scheduler"].update(global_batch_size=4, local_batch_size=1)
+    path = root / "config_two_ranks.json"
+    path.write_text(json.dumps(data))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", str(driver), str(path), "SIGTERM", "3",
+                           "1"], cwd=str(root), env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.stdout.count("SIGNALLING") == 1, out[-4000:]  # rank 1 alone got the signal
+    assert proc.returncode != 0 and "exitcode  : 143" in proc.stderr, out[-4000:]  # torchrun: a failed rank
+    # rank 0 says it once, before any rank leaves (else torchrun could kill it first)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("train.py")]
+    assert len(lines) == 1 and "interrupted by SIGTERM at step 3" in lines[0] and "step_3" in lines[0], out[-4000:]
+    assert (root / "two_ranks" / "LATEST").read_text().strip() == "step_3"
+    assert not (root / "two_ranks" / "step_4").exists()

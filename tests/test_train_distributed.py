@@ -110,7 +110,7 @@ def test_two_ranks_equal_one_rank(tmp_path, lora):
 GATHER_SCRIPT = r'''
 import sys, torch, torch.distributed as dist
 from embedcore.train.distributed import init_distributed
-from embedcore.train.losses import pooled_train_loss
+from embedcore.train.objective import PooledObjective
 info = init_distributed("gloo")
 g = torch.Generator().manual_seed(0)
 q_all = torch.nn.functional.normalize(torch.randn(2 * 3, 8, generator=g, dtype=torch.float64), dim=-1)
@@ -120,7 +120,7 @@ ids_all[7] = ids_all[0]  # a copy of rank 0's first positive on rank 1
 r = info.rank
 q = q_all[3 * r:3 * r + 3].clone().requires_grad_()
 p = p_all[6 * r:6 * r + 6].clone().requires_grad_()
-loss = pooled_train_loss(q, p, ids_all[6 * r:6 * r + 6], 0.1, info, backend="torch")
+loss = PooledObjective(0.1, backend="torch").train_loss(q, None, p, None, ids_all[6 * r:6 * r + 6], info)
 loss.backward()
 torch.save({"loss": loss.detach(), "dq": q.grad, "dp": p.grad}, sys.argv[1] + f"/rank{r}.pt")
 dist.destroy_process_group()

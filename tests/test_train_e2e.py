@@ -13,7 +13,7 @@ from train_fixture import base_config, make_model, write_dataset
 
 from embedcore.train import loop as loop_mod
 from embedcore.train.config import LRSchedulerConfig, config_from_dict
-from embedcore.train.losses import masked_cross_entropy, maxsim_scores
+from embedcore.train import objective as objective_mod
 from embedcore.train.optim import WarmupDecaySchedule
 
 TRAIN_LINE = re.compile(r"^step \d+ \| epoch \d+ \| loss \d+\.\d{4} \| grad_norm \d+\.\d{4} \| lr \d\.\d{2}e[-+]\d{2} \| "
@@ -43,35 +43,6 @@ def test_schedule_warmup_then_cosine_decay():
     other = WarmupDecaySchedule(opt, LRSchedulerConfig(lr_warmup_steps=4), 2.0, 14)
     other.load_state_dict(sched.state_dict())
     assert other.current_lr == sched.current_lr
-
-
-def test_masked_cross_entropy_equals_contrastive_loss():
-    from embedcore.ops.contrastive import contrastive_loss
-
-    g = torch.Generator().manual_seed(0)
-    q = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
-    p = torch.nn.functional.normalize(torch.randn(9, 8, generator=g), dim=-1)
-    ids = torch.tensor([0, 1, 2, 3, 0, 5, 6, 7, 8])  # a copy of query 0's positive at column 4
-    pos = torch.tensor([0, 3, 6])
-    want, want_ranks = contrastive_loss(q, p, 0.1, positive_index=pos, passage_ids=ids, return_ranks=True,
-                                        backend="torch")
-    got, ranks = masked_cross_entropy(q @ p.T / 0.1, pos, ids, return_ranks=True)
-    torch.testing.assert_close(got, want)
-    assert torch.equal(ranks, want_ranks)
-
-
-def test_maxsim_is_sum_over_query_tokens_of_max_over_passage_tokens():
-    g = torch.Generator().manual_seed(1)
-    q, p = torch.randn(2, 5, 4, generator=g), torch.randn(3, 7, 4, generator=g)
-    qm = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
-    pm = torch.tensor([[1] * 7, [1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1]])
-    want = torch.zeros(2, 3)
-    for b in range(2):
-        for j in range(3):
-            for i in range(5):
-                if qm[b, i]:
-                    want[b, j] += max(float(q[b, i] @ p[j, t]) for t in range(7) if pm[j, t])
-    torch.testing.assert_close(maxsim_scores(q, qm, p, pm, chunk=2), want)
 
 
 def test_cli_reports_config_errors_naming_the_key(tmp_path, capsys):
@@ -147,14 +118,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, monkeypatch):
     root, model, train, _ = setup
     ckpt = str(root / "run_nan")
     calls = {"n": 0}
-    real = loop_mod.pooled_train_loss
+    real = objective_mod.PooledObjective.train_loss
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 4 else loss  # step 3 (2 micro-batches per step)
 
-    monkeypatch.setattr(loop_mod, "pooled_train_loss", poisoned)
+    monkeypatch.setattr(objective_mod.PooledObjective, "train_loss", poisoned)
     data = base_config(model, train, None, ckpt, max_steps=6, ckpt_every_steps=2, log_every_steps=3)
     with pytest.raises(loop_mod.TrainingDiverged, match=r"NaN or inf at step 3.*step_2"):
         loop_mod.train(config_from_dict(data))

@@ -3,7 +3,8 @@
     config.py        typed sections of the reference recipe's YAML, overrides, `_target_` mapping
     distributed.py   process group (torchrun or single process), FSDP2 wrapping, gathers with gradients
     build.py         model, tokenizer, LoRA, datasets and loaders from the config
-    losses.py        global-batch InfoNCE (contrastive_loss), colbert MaxSim, per-group validation metrics
+    objective.py     the loss: pooled InfoNCE (contrastive_loss) or colbert MaxSim (maxsim_contrastive_loss),
+                     global-batch training loss and per-group validation metrics
     optim.py         AdamW and the warmup-then-decay schedule
     loop.py          Trainer / train(): the step, logging, validation and checkpoint cadence
     validation.py    val_loss, val_acc1, val_mrr reduced over ranks

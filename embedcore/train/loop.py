@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from embedcore.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
+from embedcore.cli import report_user_error
+from embedcore.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted, UserError
 from embedcore.train import build
 from embedcore.files import check_writable_folder
 from embedcore.train.checkpoint import latest_folder, load_checkpoint, resolve_restore, save_checkpoint
@@ -30,7 +31,7 @@ from embedcore.train.guards import DivergenceGuard, InterruptFlag
 from embedcore.train.evaluation import check_evaluation_data, run_final_evaluation
 from embedcore.train.export import export_final
 from embedcore.train.logging import ProgressBar, RunLogger, peak_memory_gib, setup_logging
-from embedcore.train.losses import colbert_train_loss, pooled_train_loss
+from embedcore.train.objective import build_objective
 from embedcore.train.optim import WarmupDecaySchedule, build_optimizer
 from embedcore.train.validation import run_validation
 
@@ -117,6 +118,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer, info.device, self.notice)
         self.scheduler = WarmupDecaySchedule(self.optimizer, cfg.lr_scheduler, cfg.optimizer.lr, self.total_steps)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.objective = build_objective(cfg)
         self.guard = DivergenceGuard(cfg.divergence, info.device)
         self.logger = RunLogger(self.ckpt_dir, info.is_main)
         self.step, self.epoch, self.batches_in_epoch, self.iter_batches = 0, 0, 0, 0
@@ -173,18 +175,12 @@ class Trainer:
             raise TrainingDiverged(f"training stopped at step {self.step}: {why}; {self._last_good()}")
 
     def _micro_step(self, batch: dict) -> torch.Tensor:
-        cfg, info = self.cfg, self.info
+        info = self.info
         with self.autocast():
             q = self.model.encode(batch["q_input_ids"], batch["q_attention_mask"], "query")
             p = self.model.encode(batch["p_input_ids"], batch["p_attention_mask"], "passage")
-        if self.model.pooling == "colbert":
-            coll = cfg.dataloader.collate_fn
-            multiple = coll.pad_to_multiple_of or 1
-            loss = colbert_train_loss(q, batch["q_attention_mask"], p, batch["p_attention_mask"],
-                                      batch.get("passage_ids"), cfg.temperature, info,
-                                      max_passage_len=-(-coll.p_max_len // multiple) * multiple)
-        else:
-            loss = pooled_train_loss(q, p, batch.get("passage_ids"), cfg.temperature, info)
+        loss = self.objective.train_loss(q, batch["q_attention_mask"], p, batch["p_attention_mask"],
+                                         batch.get("passage_ids"), info)
         (loss / self.accum).backward()
         self.interval_tokens += batch["q_attention_mask"].sum() + batch["p_attention_mask"].sum()
         return loss.detach()
@@ -198,7 +194,7 @@ class Trainer:
         if self.val_set is None:
             return None
         self._check_finite()
-        m = run_validation(self.model, self.val_set, self.val_collator, self.val_batch, self.cfg.temperature,
+        m = run_validation(self.model, self.val_set, self.val_collator, self.val_batch, self.objective,
                            self.info, self.autocast)
         record = {"step": self.step, "epoch": self.epoch if epoch is None else epoch, **m}
         self.logger.validation(record)
@@ -332,6 +328,11 @@ def train(cfg: TrainConfig) -> RunResult:
         # about 1 run in 6 here. Waiting in a barrier releases the GIL until every rank is done.
         barrier(info)
         return result
+    except UserError as e:
+        if e.same_on_every_rank and info.initialized:  # divergence, interrupt: every rank is here
+            report_user_error(e)  # rank 0 says it before any rank exits (see report_user_error)
+            barrier(info)
+        raise
     finally:
         destroy_distributed(info)
 

@@ -13,7 +13,6 @@ import torch
 
 from embedcore.train.build import batch_to_device
 from embedcore.train.distributed import DistInfo, all_reduce_sum
-from embedcore.train.losses import group_metrics_colbert, group_metrics_pooled
 
 
 def validation_batches(length: int, batch_size: int, info: DistInfo):
@@ -27,24 +26,20 @@ def validation_batches(length: int, batch_size: int, info: DistInfo):
 
 
 @torch.no_grad()
-def run_validation(model, dataset, collator, batch_size: int, temperature: float, info: DistInfo,
+def run_validation(model, dataset, collator, batch_size: int, objective, info: DistInfo,
                    autocast=contextlib.nullcontext) -> dict:
-    """{"val_loss", "val_acc1", "val_mrr", "val_queries"} over the whole validation set."""
+    """{"val_loss", "val_acc1", "val_mrr", "val_queries"} over the whole validation set, from the
+    objective's per-group metrics (embedcore.train.objective)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, acc1, rr, count
-    colbert = model.pooling == "colbert"
     for indices, weights in validation_batches(len(dataset), batch_size, info):
         batch = batch_to_device(collator([dataset[i] for i in indices]), info.device)
         w = torch.tensor(weights, dtype=torch.float32, device=info.device)
         with autocast():
             q = model.encode(batch["q_input_ids"], batch["q_attention_mask"], "query")
             p = model.encode(batch["p_input_ids"], batch["p_attention_mask"], "passage")
-        if colbert:
-            losses, ranks = group_metrics_colbert(q, batch["q_attention_mask"], p, batch["p_attention_mask"],
-                                                  temperature)
-        else:
-            losses, ranks = group_metrics_pooled(q, p, temperature)
+        losses, ranks = objective.group_metrics(q, batch["q_attention_mask"], p, batch["p_attention_mask"])
         ranks = ranks.float()
         sums += torch.stack([(losses.float() * w).sum(), ((ranks == 1).float() * w).sum(),
                              (w / ranks).sum(), w.sum()]).double()

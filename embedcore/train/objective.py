@@ -1,0 +1,112 @@
+"""The training objective: how a batch's embeddings become the training loss and the
+per-group validation metrics. Built once from the config (`build_objective`); the step loop and
+validation call it and never branch on the pooling mode.
+
+- `PooledObjective` (avg, weighted_avg, cls, last): one vector per text, the fused
+  `contrastive_loss` op.
+- `ColbertObjective` (colbert): one vector per token, the fused `maxsim_contrastive_loss` op
+  (late interaction, never a [B, P, Lq, Lp] similarity tensor).
+
+Training: every passage of the global batch (all ranks, gathered with gradients flowing back to
+their owners) is a candidate for every query; a query's positive is its own first passage;
+passages sharing the positive's id elsewhere in the batch are masked by the op, not counted as
+negatives.
+Validation: each query against its own candidate group (1 positive + eval_negative_size),
+giving per-query loss [B] and rank of the positive [B] (1 = best), without a host sync.
+
+A new loss family is a class with the same two methods (`train_loss`, `group_metrics`) and a
+branch in `build_objective`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from embedcore.ops.contrastive import contrastive_loss
+from embedcore.ops.maxsim import maxsim_contrastive_loss
+from embedcore.train.distributed import DistInfo, gather_no_grad, gather_with_grad
+
+
+def global_positive_index(local_batch: int, n_passages: int, info: DistInfo, device) -> torch.Tensor:
+    """Column of each local query's positive in the gathered passages [world * B * n]."""
+    return (info.rank * local_batch + torch.arange(local_batch, device=device)) * n_passages
+
+
+def _group_loop(n_queries: int, group_size: int, one_group):
+    """(loss [B] fp32, rank [B]) from one op call per query over its own G candidates (positive
+    first): only those G count, and a call's mean loss over one query is that query's loss."""
+    losses, ranks = [], []
+    for i in range(n_queries):
+        loss, rank = one_group(slice(i, i + 1), slice(i * group_size, (i + 1) * group_size))
+        losses.append(loss.float().reshape(1))
+        ranks.append(rank.reshape(1))
+    return torch.cat(losses), torch.cat(ranks)
+
+
+def _first(n: int, device) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.int64, device=device)
+
+
+class PooledObjective:
+    """InfoNCE over pooled embeddings q [B, D], p [B*n, D] (the masks are not needed)."""
+
+    def __init__(self, temperature: float, backend: str | None = None):
+        self.temperature, self.backend = temperature, backend
+
+    def train_loss(self, q, q_mask, p, p_mask, passage_ids, info: DistInfo) -> torch.Tensor:
+        B, n = q.shape[0], p.shape[0] // q.shape[0]
+        p_all = gather_with_grad(p, info)
+        ids_all = None if passage_ids is None else gather_no_grad(passage_ids, info)
+        pos = None if info.world_size == 1 else global_positive_index(B, n, info, q.device)
+        return contrastive_loss(q, p_all, self.temperature, positive_index=pos, passage_ids=ids_all,
+                                backend=self.backend)
+
+    def group_metrics(self, q, q_mask, p, p_mask):
+        zero = _first(1, q.device)
+        return _group_loop(q.shape[0], p.shape[0] // q.shape[0], lambda qi, pj: contrastive_loss(
+            q[qi], p[pj], self.temperature, positive_index=zero, return_ranks=True, backend=self.backend))
+
+
+def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    if x.shape[1] == length:
+        return x
+    return F.pad(x, [0, 0] * (x.dim() - 2) + [0, length - x.shape[1]])
+
+
+class ColbertObjective:
+    """MaxSim InfoNCE over token vectors q [B, Lq, D], p [B*n, Lp, D] with their attention masks.
+    Under several ranks the passages are padded to `max_passage_len` (the longest the collator can
+    produce) before the gather: a length every rank knows, so agreeing on it costs no host sync."""
+
+    def __init__(self, temperature: float, max_passage_len: int, backend: str | None = None):
+        self.temperature, self.max_passage_len, self.backend = temperature, max_passage_len, backend
+
+    def train_loss(self, q, q_mask, p, p_mask, passage_ids, info: DistInfo) -> torch.Tensor:
+        B, n = q.shape[0], p.shape[0] // q.shape[0]
+        if info.world_size > 1:
+            if p.shape[1] > self.max_passage_len:
+                raise ValueError(f"colbert: passages of {p.shape[1]} tokens exceed max_passage_len "
+                                 f"{self.max_passage_len}")
+            p, p_mask = _pad_tokens(p, self.max_passage_len), _pad_tokens(p_mask, self.max_passage_len)
+        p_all = gather_with_grad(p, info)
+        m_all = gather_no_grad(p_mask, info)
+        ids_all = None if passage_ids is None else gather_no_grad(passage_ids, info)
+        pos = global_positive_index(B, n, info, q.device)
+        return maxsim_contrastive_loss(q, q_mask, p_all, m_all, self.temperature, positive_index=pos,
+                                       passage_ids=ids_all, backend=self.backend)
+
+    def group_metrics(self, q, q_mask, p, p_mask):
+        zero = _first(1, q.device)
+        return _group_loop(q.shape[0], p.shape[0] // q.shape[0], lambda qi, pj: maxsim_contrastive_loss(
+            q[qi], q_mask[qi], p[pj], p_mask[pj], self.temperature, positive_index=zero, return_ranks=True,
+            backend=self.backend))
+
+
+def build_objective(cfg) -> PooledObjective | ColbertObjective:
+    """The objective of a TrainConfig: colbert pooling trains with MaxSim, every other pooling
+    with the pooled InfoNCE."""
+    if cfg.model.pooling == "colbert":
+        coll = cfg.dataloader.collate_fn
+        multiple = coll.pad_to_multiple_of or 1
+        return ColbertObjective(cfg.temperature, max_passage_len=-(-coll.p_max_len // multiple) * multiple)
+    return PooledObjective(cfg.temperature)
