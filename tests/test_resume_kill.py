@@ -5,7 +5,7 @@ Every run is a subprocess of the same small driver script (so the three runs sha
 environment: threads, imports, nothing left over from the test process). The driver kills
 itself deterministically at a chosen point, with no sleeps or timing:
 
-- after_save k: wraps the save_checkpoint the loop calls; right after the checkpoint of step k
+- after_save k: wraps the save_checkpoint the Checkpointer calls; right after the checkpoint of step k
   is complete (renamed, LATEST updated) the process SIGKILLs itself;
 - mid_save k: wraps checkpoint.save_file; when the save of step k is about to write its
   optimizer file (its RNG and model files already written under .tmp_step_k) the process
@@ -43,7 +43,7 @@ def die():
 
 
 if mode == "after_save":
-    real_save = loop.save_checkpoint  # the name the loop calls (imported from checkpoint)
+    real_save = checkpoint.save_checkpoint  # the name the Checkpointer calls
 
     def save_then_die(checkpoint_dir, step, *args, **kwargs):
         path = real_save(checkpoint_dir, step, *args, **kwargs)
@@ -52,7 +52,7 @@ if mode == "after_save":
             die()
         return path
 
-    loop.save_checkpoint = save_then_die
+    checkpoint.save_checkpoint = save_then_die
 elif mode == "mid_save":
     real_file = checkpoint.save_file
 

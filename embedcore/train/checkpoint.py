@@ -148,12 +148,10 @@ def resolve_restore(restore_from: str | None, checkpoint_dir: str) -> str | None
     if restore_from is None:
         return None
     if restore_from == LATEST:
-        pointer = os.path.join(checkpoint_dir, LATEST)
-        if not os.path.isfile(pointer):
+        folder = latest_folder(checkpoint_dir)
+        if folder is None:
             log.warning("checkpoint.restore_from: LATEST but %s has no checkpoint yet; starting fresh", checkpoint_dir)
             return None
-        with open(pointer, encoding="utf-8") as f:
-            folder = os.path.join(checkpoint_dir, f.read().strip())
     else:
         folder = restore_from
     if not os.path.isdir(folder):
@@ -200,5 +198,54 @@ def latest_folder(checkpoint_dir: str) -> str | None:
         return os.path.join(checkpoint_dir, f.read().strip())
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "resolve_restore", "read_state", "latest_folder",
+class Checkpointer:
+    """The run's checkpoints: when to save (every `every_steps`, and at the end), saving, resuming,
+    and which folder is the last good one. Explicit arguments only; the weights' sanity is checked
+    by the caller (DivergenceGuard) before `save`."""
+
+    def __init__(self, ck, every_steps: int, info: DistInfo, trainable_only: bool):
+        self.enabled, self.folder = ck.enabled, ck.checkpoint_dir
+        self.restore_from, self.save_on_interrupt = ck.restore_from, ck.save_on_interrupt
+        self.every_steps, self.info, self.trainable_only = every_steps, info, trainable_only
+        self.last_saved: int | None = None  # step of this run's newest save (or of the restored one)
+
+    def should_save(self, step: int) -> bool:
+        return self.enabled and bool(self.every_steps) and step % self.every_steps == 0
+
+    def save(self, step: int, model, optimizer, scheduler, train_state: dict) -> str:
+        path = save_checkpoint(self.folder, step, model, optimizer, scheduler, train_state, self.info,
+                               trainable_only=self.trainable_only)
+        self.last_saved = step
+        return path
+
+    def restore(self, model, optimizer, scheduler) -> dict | None:
+        """Load the checkpoint that checkpoint.restore_from names; its state.json, or None for a
+        fresh run (then a folder that holds an earlier run is pointed out)."""
+        folder = resolve_restore(self.restore_from, self.folder)
+        if folder is None:
+            previous = latest_folder(self.folder)
+            if previous is not None and self.info.is_main:
+                log.warning("checkpoint_dir %s holds an earlier run (LATEST -> %s): starting a fresh run there "
+                            "(its logs restart, its step folders are replaced as this run reaches them); "
+                            "--checkpoint.restore_from LATEST would resume it instead", self.folder,
+                            os.path.basename(previous))
+            return None
+        state = load_checkpoint(folder, model, optimizer, scheduler, self.info)
+        state["folder"] = folder
+        self.last_saved = state["step"]
+        return state
+
+    def latest(self) -> str | None:
+        return latest_folder(self.folder) if self.enabled else None
+
+    def last_good(self) -> str:
+        """Where a stopped run can resume from, for its error line."""
+        last = self.latest()
+        if last is None:
+            return "no checkpoint was saved before it"
+        return (f"the last good checkpoint is {last} (LATEST still points at it; resume with "
+                f"--checkpoint.restore_from LATEST, perhaps with a lower optimizer.lr)")
+
+
+__all__ = ["Checkpointer", "save_checkpoint", "load_checkpoint", "resolve_restore", "read_state", "latest_folder",
            "full_model_state", "CheckpointError", "broadcast_object"]

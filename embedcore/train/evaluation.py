@@ -2,7 +2,7 @@
 
 After the final export the trainer scores the exported folder with
 embedcore.evaluate.evaluate_model, exactly what `python -m embedcore.evaluate --model <export>`
-computes, and writes one log line and one record in validation.jsonl:
+computes, and writes one log line and one record in validation.jsonl (RunLogger.evaluation):
 
     step 184 | epoch 3 | eval ndcg@10 0.4123 | mrr@10 0.3810 | ... | queries 200 | corpus 982
 
@@ -13,8 +13,6 @@ The data is checked when the trainer starts, so a wrong path fails before hours 
 from __future__ import annotations
 
 import os
-
-import torch
 
 from embedcore.train.config import ConfigError, EvaluationConfig
 
@@ -32,23 +30,22 @@ def check_evaluation_data(ev: EvaluationConfig) -> None:
         raise ConfigError(f"evaluation.data: {ev.data!r} not found (a BEIR folder or a .json/.jsonl data file)")
 
 
-def run_final_evaluation(trainer, consolidated: str) -> dict:
-    """Evaluate the exported folder `consolidated` (collective: every rank calls it); log the line
-    and append {"step", "epoch", <metrics>, num_queries, num_corpus, model, data, split, seconds}
-    to validation.jsonl (rank 0). Returns that record on every rank."""
-    from embedcore.evaluate import evaluate_model
+class Evaluator:
+    """The end-of-training retrieval evaluation of the export (the config's `evaluation:` section).
+    The data's layout is checked when it is built, before any training."""
 
-    ev, info = trainer.cfg.evaluation, trainer.info
-    # The run is over: AdamW's moments (twice the trainable weights) make room for the
-    # evaluation's own copy of the model.
-    trainer.optimizer.state.clear()
-    if info.device.type == "cuda":
-        torch.cuda.empty_cache()
-    result = evaluate_model(consolidated, ev.data, ev.split, metrics=ev.metrics, batch_size=ev.batch_size,
-                            max_length=ev.max_length, dtype=ev.dtype)
-    record = {"step": trainer.step, "epoch": trainer.epoch, **result}
-    trainer.logger.evaluation(record, ev.metrics)
-    return record
+    def __init__(self, ev: EvaluationConfig):
+        check_evaluation_data(ev)
+        self.ev = ev
+
+    def run(self, consolidated: str) -> dict:
+        """The metrics of the exported folder `consolidated` (collective: every rank calls it and
+        gets the same numbers)."""
+        from embedcore.evaluate import evaluate_model
+
+        ev = self.ev
+        return evaluate_model(consolidated, ev.data, ev.split, metrics=ev.metrics, batch_size=ev.batch_size,
+                              max_length=ev.max_length, dtype=ev.dtype)
 
 
-__all__ = ["check_evaluation_data", "run_final_evaluation"]
+__all__ = ["check_evaluation_data", "Evaluator"]

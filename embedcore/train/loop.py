@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
 import signal
 import time
@@ -23,17 +22,18 @@ from embedcore.cli import report_user_error
 from embedcore.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted, UserError
 from embedcore.train import build
 from embedcore.files import check_writable_folder
-from embedcore.train.checkpoint import latest_folder, load_checkpoint, resolve_restore, save_checkpoint
+from embedcore.train.checkpoint import Checkpointer
 from embedcore.train.config import TrainConfig, to_dict
 from embedcore.train.distributed import (DistInfo, all_reduce_sum, barrier, destroy_distributed, init_distributed,
                                          shard_model)
 from embedcore.train.guards import DivergenceGuard, InterruptFlag
-from embedcore.train.evaluation import check_evaluation_data, run_final_evaluation
-from embedcore.train.export import export_final
+from embedcore.train.evaluation import Evaluator
+from embedcore.train.export import Exporter
 from embedcore.train.logging import ProgressBar, RunLogger, peak_memory_gib, setup_logging
 from embedcore.train.objective import build_objective
 from embedcore.train.optim import WarmupDecaySchedule, build_optimizer
-from embedcore.train.validation import run_validation
+from embedcore.train.stream import BatchStream
+from embedcore.train.validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,10 @@ def accumulation_steps(cfg: TrainConfig, world: int) -> int:
 
 
 class Trainer:
-    """Holds the run's state; `run()` trains to the end and returns a RunResult."""
+    """A run: the model and optimizer, and the components that each own a part of it (objective,
+    data stream, validator, checkpointer, exporter, evaluator, divergence guard, logger). Its own
+    state is the step; the epoch and the data position follow from it. `run()` trains to the end
+    and returns a RunResult."""
 
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
@@ -82,58 +85,60 @@ class Trainer:
                 f"step_scheduler.global_batch_size: {s.global_batch_size} is larger than the training set "
                 f"({len(self.train_set)} examples after skipping): not one optimizer step per epoch"
             )
-        if cfg.evaluation is not None:
-            check_evaluation_data(cfg.evaluation)  # before training, not after it
-        self.ckpt_dir = cfg.checkpoint.checkpoint_dir
+        self.evaluator = Evaluator(cfg.evaluation) if cfg.evaluation is not None else None  # checks its data now
         if cfg.checkpoint.enabled and info.is_main:
-            check_writable_folder(self.ckpt_dir)
+            check_writable_folder(cfg.checkpoint.checkpoint_dir)
         torch.manual_seed(cfg.seed)  # same on every rank: identical LoRA init before sharding
         random.seed(cfg.seed)
         build.maybe_build_tiny_model(cfg, info)
         self.model = build.build_model(cfg)
         self.tokenizer = build.build_tokenizer(cfg, self.model)
-        self.lora = None
-        if cfg.peft is not None:
-            self.lora = build.apply_peft(cfg, self.model)
+        self.lora = build.apply_peft(cfg, self.model) if cfg.peft is not None else None
         self.model.to(info.device)
-        self.sharded = info.world_size > 1 and cfg.distributed.strategy == "fsdp2"
-        if self.sharded:
+        sharded = info.world_size > 1 and cfg.distributed.strategy == "fsdp2"
+        if sharded:
             shard_model(self.model, self.model.transformer_blocks(), info, self.dtype)
         # FSDP mixed precision casts on CUDA; otherwise autocast gives the low-precision forward.
-        use_autocast = self.dtype != torch.float32 and not (self.sharded and info.device.type == "cuda")
+        use_autocast = self.dtype != torch.float32 and not (sharded and info.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(info.device.type, dtype=self.dtype)) if use_autocast \
             else contextlib.nullcontext
 
-        self.collator = build.build_collator(cfg.dataloader, self.tokenizer)
-        self.loader, self.sampler = build.build_train_loader(cfg, self.train_set, self.collator, info)
+        self.objective = build_objective(cfg)
+        loader, sampler = build.build_train_loader(cfg, self.train_set, build.build_collator(cfg.dataloader,
+                                                                                              self.tokenizer), info)
+        self.stream = BatchStream(loader, sampler, self.train_set, self.steps_per_epoch, self.accum)
         self.total_steps = self.steps_per_epoch * s.num_epochs
         if s.max_steps is not None:  # whichever ends first: max_steps or num_epochs
             self.total_steps = min(self.total_steps, s.max_steps)
-        self.val_set = self.val_collator = None
+        self.validator = None
         if cfg.validation_dataloader is not None:
-            self.val_set = build.build_dataset(cfg, cfg.validation_dataloader, train=False)
-            self.val_collator = build.build_collator(cfg.validation_dataloader, self.tokenizer)
-            self.val_batch = cfg.validation_dataloader.batch_size or s.local_batch_size
+            vdl = cfg.validation_dataloader
+            self.validator = Validator(build.build_dataset(cfg, vdl, train=False),
+                                       build.build_collator(vdl, self.tokenizer),
+                                       vdl.batch_size or s.local_batch_size, self.objective, info,
+                                       every_steps=s.val_every_steps, at_start=s.val_at_start, autocast=self.autocast)
+        self.exporter = Exporter(cfg, self.tokenizer, build.export_prompts(cfg, self.train_set), info, sharded)
 
         self.optimizer = build_optimizer(self.model, cfg.optimizer, info.device, self.notice)
         self.scheduler = WarmupDecaySchedule(self.optimizer, cfg.lr_scheduler, cfg.optimizer.lr, self.total_steps)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.objective = build_objective(cfg)
         self.guard = DivergenceGuard(cfg.divergence, info.device)
-        self.logger = RunLogger(self.ckpt_dir, info.is_main)
-        self.step, self.epoch, self.batches_in_epoch, self.iter_batches = 0, 0, 0, 0
-        self._sampler_state = None
-        restore = resolve_restore(cfg.checkpoint.restore_from, self.ckpt_dir)
-        if restore is not None:
-            self._resume(restore)
-        else:
-            previous = latest_folder(self.ckpt_dir)
-            if previous is not None and info.is_main:
-                log.warning("checkpoint_dir %s holds an earlier run (LATEST -> %s): starting a fresh run there "
-                            "(its logs restart, its step folders are replaced as this run reaches them); "
-                            "--checkpoint.restore_from LATEST would resume it instead", self.ckpt_dir,
-                            os.path.basename(previous))
+        self.logger = RunLogger(cfg.checkpoint.checkpoint_dir, info.is_main)
+        self.checkpointer = Checkpointer(cfg.checkpoint, s.ckpt_every_steps, info, trainable_only=self.lora is not None)
+        self.step = 0
+        state = self.checkpointer.restore(self.model, self.optimizer, self.scheduler)
+        if state is None:
             self.logger.reset()
+        else:
+            if state["global_batch_size"] != s.global_batch_size:
+                raise CheckpointError(f"checkpoint {state['folder']}: global_batch_size {state['global_batch_size']} "
+                                      f"differs from step_scheduler.global_batch_size {s.global_batch_size}")
+            self.step = state["step"]
+            self.logger.truncate_after(self.step)
+            if info.is_main:
+                log.info("resumed from %s at step %d (epoch %d)", state["folder"], self.step,
+                         self.step // self.steps_per_epoch)
+        self.stream.start(self.step, None if state is None else state["sampler"])
         # Device-side bookkeeping, read on log steps only (no host sync per step).
         self.interval_tokens = torch.zeros((), dtype=torch.float64, device=info.device)
 
@@ -142,61 +147,45 @@ class Trainer:
         if self.info.is_main:
             log.warning(msg)
 
-    def _resume(self, folder: str) -> None:
-        state = load_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.info)
-        if state["global_batch_size"] != self.cfg.step_scheduler.global_batch_size:
-            raise CheckpointError(f"checkpoint {folder}: global_batch_size {state['global_batch_size']} differs from "
-                             f"step_scheduler.global_batch_size {self.cfg.step_scheduler.global_batch_size}")
-        self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
-        self._sampler_state = state["sampler"]
-        self.logger.truncate_after(self.step)
-        if self.info.is_main:
-            log.info("resumed from %s at step %d (epoch %d)", folder, self.step, self.epoch)
-
-    def _train_state(self) -> dict:
-        L = self.cfg.step_scheduler.local_batch_size
-        # At an epoch boundary the next epoch starts from its beginning: no sampler position to keep.
-        sampler = None if self.batches_in_epoch == 0 else self.sampler.state_dict(consumed=self.iter_batches * L)
-        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "sampler": sampler,
-                "global_batch_size": self.cfg.step_scheduler.global_batch_size, "config": to_dict(self.cfg)}
-
-    def _last_good(self) -> str:
-        last = latest_folder(self.ckpt_dir) if self.cfg.checkpoint.enabled else None
-        if last is None:
-            return "no checkpoint was saved before it"
-        return (f"the last good checkpoint is {last} (LATEST still points at it; resume with "
-                f"--checkpoint.restore_from LATEST, perhaps with a lower optimizer.lr)")
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch_of(self.step)
 
     def _check_finite(self) -> None:
         """Stop (TrainingDiverged) if a step's loss or gradient norm was NaN/inf, or a divergence
         guard tripped. Reads device values: called on log, validation and save steps only."""
         why = self.guard.check(self.info)
         if why:
-            raise TrainingDiverged(f"training stopped at step {self.step}: {why}; {self._last_good()}")
+            raise TrainingDiverged(f"training stopped at step {self.step}: {why}; {self.checkpointer.last_good()}")
 
     def _micro_step(self, batch: dict) -> torch.Tensor:
-        info = self.info
         with self.autocast():
             q = self.model.encode(batch["q_input_ids"], batch["q_attention_mask"], "query")
             p = self.model.encode(batch["p_input_ids"], batch["p_attention_mask"], "passage")
         loss = self.objective.train_loss(q, batch["q_attention_mask"], p, batch["p_attention_mask"],
-                                         batch.get("passage_ids"), info)
+                                         batch.get("passage_ids"), self.info)
         (loss / self.accum).backward()
         self.interval_tokens += batch["q_attention_mask"].sum() + batch["p_attention_mask"].sum()
         return loss.detach()
+
+    def _optimizer_step(self, micro: list) -> tuple:
+        """One optimizer step over the micro-batches: (mean loss, gradient norm, lr), on the device."""
+        loss = torch.stack([self._micro_step(build.batch_to_device(b, self.info.device)) for b in micro]).mean()
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.current_lr
+        self.scheduler.step()
+        return loss, grad_norm, lr
 
     def _clip(self) -> torch.Tensor:
         max_norm = self.cfg.optimizer.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm if max_norm is not None else math.inf)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def _validate(self, epoch: int | None = None) -> dict | None:
-        if self.val_set is None:
-            return None
+    def _validate(self) -> dict:
         self._check_finite()
-        m = run_validation(self.model, self.val_set, self.val_collator, self.val_batch, self.objective,
-                           self.info, self.autocast)
-        record = {"step": self.step, "epoch": self.epoch if epoch is None else epoch, **m}
+        record = {"step": self.step, "epoch": self.epoch, **self.validator.run(self.model)}
         self.logger.validation(record)
         return record
 
@@ -207,13 +196,14 @@ class Trainer:
         why = self.guard.check_weights(self.trainable, self.optimizer, self.info)
         if why:  # nothing is written: LATEST keeps naming the last good checkpoint
             raise TrainingDiverged(f"training stopped at step {self.step}, checkpoint not saved: {why}; "
-                                   f"{self._last_good()}")
-        return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
-                               self._train_state(), self.info, trainable_only=self.lora is not None)
+                                   f"{self.checkpointer.last_good()}")
+        train_state = {"sampler": self.stream.state_dict(), "global_batch_size": self.cfg.step_scheduler.global_batch_size,
+                       "config": to_dict(self.cfg)}
+        return self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler, train_state)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> RunResult:
-        cfg, info, s = self.cfg, self.info, self.cfg.step_scheduler
+        info, s = self.info, self.cfg.step_scheduler
         result = RunResult(step=self.step, checkpoint=None)
         # Restored from a run that had already finished: the export is rewritten (atomically, the
         # same files) so the result names it, but its evaluation record is not appended twice.
@@ -223,84 +213,69 @@ class Trainer:
                      "x %d rank(s), device %s, compute dtype %s", self.total_steps, self.steps_per_epoch,
                      info.world_size, s.global_batch_size, s.local_batch_size, self.accum, info.world_size,
                      info.device, str(self.dtype).replace("torch.", ""))
-        if s.val_at_start and self.step == 0 and self.val_set is not None:
+        if self.validator is not None and self.validator.at_start and self.step == 0:
             result.validations.append(self._validate())
+        last_validated = self.step
         bar = ProgressBar(self.total_steps, self.step, info.is_main)
         self.model.train()
-        last_saved = last_validated = self.step
         stop = InterruptFlag()
         t0, steps_in_interval = time.perf_counter(), 0
-        loss = torch.zeros((), device=info.device)
         while self.step < self.total_steps and not stop.agreed(info):
-            if self.batches_in_epoch == 0 or self._sampler_state is not None:
-                self.sampler.set_epoch(self.epoch)
-                self.train_set.set_epoch(self.epoch)
-                if self._sampler_state is not None:
-                    self.sampler.load_state_dict(self._sampler_state)
-                    self._sampler_state = None
-                batches = iter(self.loader)
-                self.iter_batches = 0  # batches taken from this iterator (workers may prefetch more)
-            micro = []
-            for _ in range(self.accum):
-                micro.append(build.batch_to_device(next(batches), info.device))
-                self.batches_in_epoch += 1
-                self.iter_batches += 1
-            loss = torch.stack([self._micro_step(b) for b in micro]).mean()
-            grad_norm = self._clip()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            lr = self.scheduler.current_lr
-            self.scheduler.step()
+            loss, grad_norm, lr = self._optimizer_step(self.stream.next_step())
             self.guard.observe(self.step + 1, loss, grad_norm)
             self.step += 1
             steps_in_interval += 1
             bar.update()
-            epoch_of_step = self.epoch
-            if self.step % self.steps_per_epoch == 0 and self.step < self.total_steps:
-                self.epoch, self.batches_in_epoch = self.epoch + 1, 0  # the rest of the epoch (< accum batches) is dropped
             if self.step % s.log_every_steps == 0 or self.step == self.total_steps:
-                result.last_loss = self._log(loss, grad_norm, lr, epoch_of_step, t0, steps_in_interval)
+                result.last_loss = self._log(loss, grad_norm, lr, t0, steps_in_interval)
                 self._check_finite()
                 t0, steps_in_interval = time.perf_counter(), 0
-            if s.val_every_steps and self.step % s.val_every_steps == 0:
-                result.validations.append(self._validate(epoch_of_step))
+            if self.validator is not None and self.validator.should_run(self.step):
+                result.validations.append(self._validate())
                 last_validated = self.step
-            if s.ckpt_every_steps and self.step % s.ckpt_every_steps == 0:
+            if self.checkpointer.should_save(self.step):
                 result.checkpoint = self._save()
-                last_saved = self.step
         bar.close()
         stop.restore()
         if stop.signum:
-            self._stop_on_interrupt(stop.signum, already_saved=last_saved == self.step)
+            self._stop_on_interrupt(stop.signum)
         self._check_finite()
-        if self.val_set is not None and last_validated != self.step:
+        if self.validator is not None and last_validated != self.step:
             result.validations.append(self._validate())
-        if cfg.checkpoint.enabled:
-            if last_saved != self.step or result.checkpoint is None:
-                result.checkpoint = self._save() if last_saved != self.step else latest_folder(self.ckpt_dir)
-            result.export = export_final(self, result.checkpoint)
-        if cfg.evaluation is not None and finished_before:
+        if self.cfg.checkpoint.enabled:
+            if self.checkpointer.last_saved != self.step:
+                result.checkpoint = self._save()
+            result.checkpoint = result.checkpoint or self.checkpointer.latest()
+            result.export = self.exporter.export(self.model, result.checkpoint)
+        if self.evaluator is not None and finished_before:
             if info.is_main:
                 log.info("step %d: the restored run had already finished and been evaluated; not evaluating again",
                          self.step)
-        elif cfg.evaluation is not None:  # config validation made sure the consolidated export exists
-            result.evaluation = run_final_evaluation(self, result.export["consolidated"])
+        elif self.evaluator is not None:  # config validation made sure the consolidated export exists
+            # The run is over: AdamW's moments (twice the trainable weights) make room for the
+            # evaluation's own copy of the model.
+            self.optimizer.state.clear()
+            if info.device.type == "cuda":
+                torch.cuda.empty_cache()
+            result.evaluation = {"step": self.step, "epoch": self.epoch,
+                                 **self.evaluator.run(result.export["consolidated"])}
+            self.logger.evaluation(result.evaluation, self.cfg.evaluation.metrics)
         result.step = self.step
         return result
 
-    def _stop_on_interrupt(self, signum: int, already_saved: bool) -> None:
+    def _stop_on_interrupt(self, signum: int) -> None:
         """After SIGINT/SIGTERM: the step in flight was finished; save it (unless
         checkpoint.save_on_interrupt is false) and stop with exit code 128 + signal."""
         ck = self.cfg.checkpoint
         name = signal.Signals(signum).name
         if ck.enabled and ck.save_on_interrupt:
-            path = latest_folder(self.ckpt_dir) if already_saved else self._save()
+            path = self.checkpointer.latest() if self.checkpointer.last_saved == self.step else self._save()
             where = f"checkpoint {path} saved; resume with --checkpoint.restore_from LATEST"
         else:
             where = "no checkpoint saved (checkpoint.save_on_interrupt or checkpoint.enabled is false)"
         raise TrainingInterrupted(f"interrupted by {name} at step {self.step}: {where}", 128 + signum)
 
-    def _log(self, loss, grad_norm, lr, epoch, t0, steps) -> float:
+    def _log(self, loss, grad_norm, lr, t0, steps) -> float:
         stats = torch.stack([loss.double(), grad_norm.double().to(loss.device), self.interval_tokens.to(loss.device)])
         all_reduce_sum(stats, self.info)
         loss_v, norm_v, tokens = stats.tolist()
@@ -308,7 +283,7 @@ class Trainer:
         norm_v /= self.info.world_size  # the same global norm on every rank
         elapsed = time.perf_counter() - t0
         self.interval_tokens.zero_()
-        record = {"step": self.step, "epoch": epoch, "loss": loss_v, "grad_norm": norm_v, "lr": lr,
+        record = {"step": self.step, "epoch": self.epoch, "loss": loss_v, "grad_norm": norm_v, "lr": lr,
                   "mem_gib": peak_memory_gib(self.info.device), "time_s": elapsed / max(steps, 1),
                   "tokens_per_s": tokens / max(elapsed, 1e-9)}
         self.logger.train(record)

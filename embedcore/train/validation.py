@@ -48,3 +48,20 @@ def run_validation(model, dataset, collator, batch_size: int, objective, info: D
     if was_training:
         model.train()
     return {"val_loss": loss / n, "val_acc1": acc1 / n, "val_mrr": rr / n, "val_queries": int(n)}
+
+
+class Validator:
+    """Validation on its own cadence (every `every_steps`, optionally at step 0, and at the end)."""
+
+    def __init__(self, dataset, collator, batch_size: int, objective, info: DistInfo, every_steps: int,
+                 at_start: bool, autocast=contextlib.nullcontext):
+        self.dataset, self.collator, self.batch_size = dataset, collator, batch_size
+        self.objective, self.info, self.autocast = objective, info, autocast
+        self.every_steps, self.at_start = every_steps, at_start
+
+    def should_run(self, step: int) -> bool:
+        return bool(self.every_steps) and step % self.every_steps == 0
+
+    def run(self, model) -> dict:
+        return run_validation(model, self.dataset, self.collator, self.batch_size, self.objective, self.info,
+                              self.autocast)
