@@ -2,7 +2,7 @@
 
 Single process: `python train.py examples/quickstart.yaml`. Several ranks:
 `torchrun --nproc-per-node=N train.py config.yaml` (gloo on CPU, nccl on CUDA).
-The config's sections follow NeMo AutoModel's biencoder recipe (see embedcore/train/config.py).
+The config's sections follow NeMo AutoModel's biencoder recipe (see embedcore/train/config/schema.py).
 """
 import sys
 

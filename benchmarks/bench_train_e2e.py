@@ -55,7 +55,7 @@ def run_ours(model_path, rows, workdir):
     import time
 
     from embedcore.train.config import config_from_dict
-    from embedcore.train.distributed import init_distributed
+    from embedcore.distributed import init_distributed
     from embedcore.train.loop import Trainer
 
     data = os.path.join(workdir, "train.jsonl")

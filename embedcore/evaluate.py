@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from embedcore.data.errors import DataError
 from embedcore.cli import run_cli
 from embedcore.errors import ConfigError
-from embedcore.files import check_writable, iter_lines, parse_json_line, write_json
-from embedcore.retrieval import distributed as D
+from embedcore.files import check_writable, iter_lines, read_jsonl, write_json
+from embedcore import distributed as D
 from embedcore.retrieval.encode import encode_all, encode_texts
 from embedcore.retrieval.metrics import DEFAULT_METRICS, _parse, compute_metrics
 from embedcore.retrieval.topk import sharded_topk
@@ -54,13 +54,10 @@ class RetrievalTask:
 # ------------------------------------------------------------------------------------------
 def _read_jsonl(path: str, keys: Sequence[str]) -> list[dict]:
     rows = []
-    for lineno, line in iter_lines(path, "BEIR file"):
-        if not line.strip():
-            continue
-        row = parse_json_line(line, f"{path}:{lineno}")
+    for where, row in read_jsonl(path, "BEIR file"):
         missing = [k for k in keys if not isinstance(row, dict) or k not in row]
         if missing:
-            raise DataError(f"{path}:{lineno}: missing key(s) {missing}", "malformed_json")
+            raise DataError(f"{where}: missing key(s) {missing}", "malformed_json")
         rows.append(row)
     return rows
 
@@ -269,21 +266,21 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 def _run(argv: list[str]) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
-    started = D.init_from_env()
+    info = D.init_distributed(timeout_minutes=30)  # a rank may encode its share for long between collectives
     try:
-        if D.rank() == 0:
+        if info.is_main:
             check_writable(args.output)  # before the encoding, not after it
         result = evaluate_model(args.model, args.data, args.split, metrics=args.metrics, batch_size=args.batch_size,
                                 max_length=args.max_length, query_prefix=args.query_prefix,
                                 passage_prefix=args.passage_prefix, dtype=args.dtype,
                                 use_instructions=args.use_instructions)
-        if D.rank() == 0:
+        if info.is_main:
             write_json(args.output, result)
             print(format_metrics(result, args.metrics))
             print(f"written {args.output}", file=sys.stderr)
-        D.barrier()  # no rank tears the group down while gloo still frees another's last collective
+        D.barrier(info)  # no rank tears the group down while gloo still frees another's last collective
     finally:
-        D.shutdown(started)
+        D.destroy_distributed(info)
     return 0
 
 

@@ -1,17 +1,21 @@
 """File reading and writing shared by the trainer and the CLIs, with errors that name the place.
 
-Reading: `check_file` (exists, is a file), `read_text` (whole file, UTF-8), `iter_lines` (JSON Lines
-and other line files: (line number, text), UTF-8 checked line by line so that an encoding error
-names the line and the byte offset), `parse_json_line`, `read_json`. Every problem is a DataError.
+Reading: `check_file` (exists, is a file), `read_text` (whole file, UTF-8), `iter_lines` (line
+files: (line number, text), UTF-8 checked line by line so that an encoding error names the line
+and the byte offset), `iter_records` / `read_jsonl` (JSON Lines: the non-blank lines, each with
+the `path:line` its errors name), `parse_json_line`, `read_json`. Every problem is a DataError.
 Writing: `write_json` and `replace_text` write a temporary file, fsync it and rename it over the
 target, so a reader never sees half a file; a refused write (permission, read-only file system,
-disk full) is an OutputError naming the path.
+disk full) is an OutputError naming the path. `atomic_folder` (or `staging_folder` then
+`publish_folder`, when several ranks fill the folder) does the same for a whole folder.
 """
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from embedcore.errors import DataError, OutputError
 
@@ -45,6 +49,22 @@ def iter_lines(path: str, what: str = "file") -> Iterator[tuple[int, str]]:
 def read_text(path: str, what: str = "file") -> str:
     """The whole UTF-8 file; an encoding error names its line and byte offset."""
     return "".join(line for _, line in iter_lines(path, what))
+
+
+def iter_records(path: str, what: str = "file") -> Iterator[tuple[int, str, str]]:
+    """(line number, "path:line", text) of every non-blank line of a UTF-8 line file (JSON Lines):
+    "path:line" is the place every error about that line names. For a reader that parses each
+    line itself (under its own skip-bad-examples rule); others use read_jsonl."""
+    for lineno, line in iter_lines(path, what):
+        if line.strip():
+            yield lineno, f"{path}:{lineno}", line
+
+
+def read_jsonl(path: str, what: str = "JSON Lines file", reason: str = "malformed_json") -> Iterator[tuple[str, Any]]:
+    """("path:line", value) of every non-blank line of a JSON Lines file; a line that is not JSON
+    is a DataError `path:line: malformed JSON line: ...` with `reason`."""
+    for _, where, line in iter_records(path, what):
+        yield where, parse_json_line(line, where, reason)
 
 
 def parse_json_line(line: str, where: str, reason: str = "malformed_json"):
@@ -103,11 +123,37 @@ def _write_atomic(path: str, text: str) -> None:
         raise OutputError(f"{path}: cannot write: {e.strerror or e}") from e
 
 
-def write_json(path: str, obj, indent: int | None = 1) -> None:
-    """`obj` as JSON at `path`, atomically."""
-    _write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=indent))
+def write_json(path: str, obj, indent: int | None = 1, sort_keys: bool = False) -> None:
+    """`obj` as JSON (UTF-8) at `path`, atomically."""
+    _write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=indent, sort_keys=sort_keys))
 
 
 def replace_text(path: str, text: str) -> None:
     """`text` at `path`, atomically (the LATEST pointer, small state files)."""
     _write_atomic(path, text)
+
+
+def staging_folder(final: str, clear: bool = False) -> str:
+    """The hidden sibling `.tmp_<name>` in which folder `final` is assembled, so that a crash
+    mid-write never leaves a folder that looks complete. clear: remove what such a crash left
+    there (one process only, when several ranks write into it)."""
+    tmp = os.path.join(os.path.dirname(final), f".tmp_{os.path.basename(final)}")
+    if clear and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def publish_folder(staging: str, final: str) -> str:
+    """Rename the complete `staging` folder to `final`, replacing a stale `final`; returns final."""
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    return final
+
+
+def atomic_folder(final: str, write: Callable[[str], object]) -> str:
+    """Folder `final` written all at once: `write(tmp)` creates and fills a staging folder, which
+    is then renamed to `final` (replacing an older one). Returns final."""
+    tmp = staging_folder(final, clear=True)
+    write(tmp)
+    return publish_folder(tmp, final)

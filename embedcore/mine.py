@@ -14,31 +14,30 @@ Every rank computes; rank 0 writes. Bad input stops with one line saying what an
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
 import statistics
 import sys
 import time
-import typing
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import yaml
-
+from embedcore import distributed as D
 from embedcore.cli import run_cli
 from embedcore.data.errors import DataError
 from embedcore.errors import ConfigError, PathNotFound
-from embedcore.files import check_writable, write_json
-from embedcore.retrieval import distributed as D
+from embedcore.files import check_writable, read_json, write_json
 from embedcore.retrieval.hard_negatives import MiningParams, mine_corpus
 
 log = logging.getLogger("embedcore.mine")
 
 
 @dataclass
-class MiningConfig:
+class MiningConfig(MiningParams):
+    """The `mining:` section: the knobs of the pass (MiningParams, defined and checked there) plus
+    the model, the files and the prefixes. Checked when built: the required paths here, the rest
+    by MiningParams."""
+
     model_name_or_path: str = ""
     """Model folder (ours, a Hugging Face folder or a sentence-transformers folder) to embed with."""
     train_qa_file_path: str = ""
@@ -48,22 +47,6 @@ class MiningConfig:
     corpus_path: Optional[str] = None
     """For inline JSONL input: the corpus (directory with merlin_metadata.json, or a .parquet/.jsonl
     table with id and text) that holds the positives and is mined for negatives."""
-    hard_negatives_to_mine: int = 20
-    """Negatives kept per query (fewer when too few candidates survive; counted in the summary)."""
-    hard_neg_margin: float = 0.95
-    """Margin of the false-negative filter (see hard_neg_margin_type)."""
-    hard_neg_margin_type: Literal["perc", "abs"] = "perc"
-    """perc: drop candidates scoring above margin * min positive score; abs: above min positive - margin."""
-    hard_neg_skip_top_k: int = 0
-    """Rank window: skip this many best surviving candidates before keeping hard_negatives_to_mine."""
-    mining_batch_size: int = 128
-    """Texts per encoding batch, and queries per scoring tile."""
-    scoring_corpus_block: int = 16384
-    """Corpus rows per scoring tile (a tile is mining_batch_size x scoring_corpus_block floats)."""
-    query_max_length: int = 512
-    """Queries are truncated to this many tokens."""
-    passage_max_length: int = 512
-    """Passages are truncated to this many tokens."""
     query_prefix: Optional[str] = None
     """Text before each query, joined with one space as in training (None: the model's own; "": none)."""
     passage_prefix: Optional[str] = None
@@ -78,51 +61,21 @@ class MiningConfig:
     """Override the model's normalisation (None: the model folder's)."""
     torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the model runs in (scores are accumulated in fp32)."""
-    pad_to_multiple_of: Optional[int] = None
-    """Pad token lengths to a multiple of this (8 helps tensor cores on GPU)."""
-    progress: Optional[bool] = None
-    """Progress bars (None: when stderr is a terminal)."""
 
-
-def _type_hints():
-    return typing.get_type_hints(MiningConfig)
+    def __post_init__(self):
+        for name in ("model_name_or_path", "train_qa_file_path", "train_file_output_path"):
+            if not getattr(self, name):
+                raise ConfigError(f"mining.{name} is required")
+        super().__post_init__()
 
 
 def load_mining_config(path: Optional[str], overrides: list[str]) -> MiningConfig:
-    """YAML file (a `mining:` section, optional) + `--mining.KEY VALUE` overrides -> MiningConfig."""
-    from embedcore.train.config import build_section, parse_override_value, split_overrides
+    """YAML file (a `mining:` section, optional) + `--mining.KEY VALUE` overrides -> MiningConfig,
+    through the trainer's loader (errors name the file or the dotted key); checked when built
+    (MiningConfig.__post_init__)."""
+    from embedcore.train.config import load_yaml_with_overrides
 
-    data: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict) or set(data) - {"mining"}:
-            raise ConfigError(f"{path}: expected a single top-level section 'mining'")
-    section = dict(data.get("mining") or {})
-    hints = _type_hints()
-    for key, text in split_overrides(overrides):
-        name = key.split(".", 1)[1] if key.startswith("mining.") else None
-        if name not in hints:
-            raise ConfigError(f"{key}: unknown key (known: {', '.join('mining.' + n for n in hints)})")
-        section[name] = parse_override_value(text, hints[name])
-    cfg = build_section(MiningConfig, section, "mining")
-    for name in ("model_name_or_path", "train_qa_file_path", "train_file_output_path"):
-        if not getattr(cfg, name):
-            raise ConfigError(f"mining.{name} is required")
-    for name in ("hard_negatives_to_mine", "mining_batch_size", "scoring_corpus_block", "query_max_length",
-                 "passage_max_length"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"mining.{name} must be >= 1, got {getattr(cfg, name)}")
-    if not math.isfinite(cfg.hard_neg_margin) or (cfg.hard_neg_margin_type == "perc" and cfg.hard_neg_margin <= 0):
-        raise ConfigError(f"mining.hard_neg_margin: must be a finite number (> 0 for perc), got {cfg.hard_neg_margin}")
-    if cfg.hard_neg_skip_top_k < 0:
-        raise ConfigError(f"mining.hard_neg_skip_top_k must be >= 0, got {cfg.hard_neg_skip_top_k}")
-    return cfg
+    return load_yaml_with_overrides(path, overrides, MiningConfig, section="mining")
 
 
 # ------------------------------------------------------------------------------------------
@@ -148,8 +101,7 @@ def read_input(cfg: MiningConfig):
     examples = load_examples([path])  # raises DataError naming file and line / data[i]
     corpus_id_input = examples.examples[0].corpus_id is not None
     if corpus_id_input:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+        doc = read_json(path, "data file")  # already checked by load_examples
         rows = [dict(r) for r in doc["data"]]
         corpora = examples.corpora
         here = os.path.dirname(os.path.abspath(path))
@@ -213,14 +165,13 @@ def run_mining(cfg: MiningConfig) -> dict:
     model = RetrievalModel.load(cfg.model_name_or_path, dtype=cfg.torch_dtype, pooling=cfg.pooling,
                                 l2_normalize=cfg.l2_normalize, query_prefix=cfg.query_prefix,
                                 passage_prefix=cfg.passage_prefix, key="mining.model_name_or_path")
-    params = MiningParams(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(MiningParams)})
     per_corpus = {}  # corpus id -> (query prefix, passage prefix) where they are not the model's defaults
     for job in jobs:
         prefixes = model.prefixes_for(job.corpus_id, job.instructions, cfg.use_instructions)
         if prefixes != (model.query_prefix, model.passage_prefix):
             per_corpus[job.corpus_id] = list(prefixes)
         with model.using_prefixes(*prefixes):
-            mined = mine_corpus(model, job.queries, job.positives, job.texts, params, desc=job.corpus_id)
+            mined = mine_corpus(model, job.queries, job.positives, job.texts, cfg, desc=job.corpus_id)
         for r, pos_rows, pos_scores, negs in zip(job.rows, job.positives, mined.positive_scores, mined.negatives):
             rows[r]["corpus_id"] = job.corpus_id
             rows[r]["pos_doc"] = [{"id": job.doc_ids[i], "score": s} for i, s in zip(pos_rows, pos_scores)]
@@ -234,7 +185,7 @@ def run_mining(cfg: MiningConfig) -> dict:
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     doc["data"] = rows
     doc["mining"] = {"args": args, "summary": summary}
-    if D.rank() == 0:
+    if D.is_main():
         write_json(cfg.train_file_output_path, doc)
         print(format_summary(summary, cfg.train_file_output_path), file=sys.stderr)
     return doc
@@ -311,15 +262,15 @@ def _run(argv: list[str]) -> int:
         return 0
     config, overrides = parse_args(argv)
     cfg = load_mining_config(config, overrides)
-    started = D.init_from_env()
+    info = D.init_distributed(timeout_minutes=30)  # a rank may encode its share for long between collectives
     try:
         _check_model_folder(cfg.model_name_or_path)  # before the data is read, not after it
-        if D.rank() == 0:
+        if info.is_main:
             check_writable(cfg.train_file_output_path)  # before the encoding, not after it
         run_mining(cfg)
-        D.barrier()  # no rank tears the group down while gloo still frees another's last collective
+        D.barrier(info)  # no rank tears the group down while gloo still frees another's last collective
     finally:
-        D.shutdown(started)
+        D.destroy_distributed(info)
     return 0
 
 

@@ -171,12 +171,17 @@ class BM25:
         n = len(passages)
         self.idf = {w: math.log(1 + (n - len(ps) + 0.5) / (len(ps) + 0.5)) for w, ps in self.postings.items()}
 
-    def top(self, query: str, k: int, exclude: int):
+    def scores(self, query: str) -> dict:
+        """{passage index: BM25 score} of the passages sharing a word with the query."""
         scores = defaultdict(float)
         for w in sorted(set(words(query))):  # fixed order: float sums independent of PYTHONHASHSEED
             for i, c in self.postings.get(w, ()):
                 norm = c + self.k1 * (1 - self.b + self.b * self.lens[i] / self.avg)
                 scores[i] += self.idf[w] * c * (self.k1 + 1) / norm
+        return scores
+
+    def top(self, query: str, k: int, exclude: int):
+        scores = self.scores(query)
         scores.pop(exclude, None)
         return sorted(scores, key=lambda i: (-scores[i], i))[:k]
 

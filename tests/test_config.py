@@ -158,9 +158,19 @@ def _sections(cls, seen=None):
     return seen
 
 
+def _field_docs(cls) -> dict[str, str]:
+    """{field name: docstring} of a config dataclass, read from the string under each field."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {node.target.id: nxt.value.value for node, nxt in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)}
+
+
 def test_every_field_has_a_docstring():
     for cls in _sections(C.TrainConfig):
-        docs = C.field_docs(cls)
+        docs = _field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
         assert not missing, f"{cls.__name__}: fields without a docstring: {missing}"
 
@@ -170,3 +180,66 @@ def test_top_level_mirrors_the_guides_sections():
     assert {"seed", "train_n_passages", "eval_negative_size", "temperature", "step_scheduler", "dist_env", "model",
             "tokenizer", "dataloader", "validation_dataloader", "optimizer", "lr_scheduler", "checkpoint",
             "distributed", "peft"} <= names
+
+
+# ------------------------------------------------------------------ the compatibility table
+def test_every_compat_key_is_a_field_and_the_reference_runs_with_two_notices():
+    from embedcore.train.config.loading import _field_type
+
+    for c in C.COMPAT:  # a row naming no field raises here
+        _field_type(C.TrainConfig, c.key.split("."), c.key)
+        if c.same_as:
+            _field_type(C.TrainConfig, c.same_as.split("."), c.same_as)
+    cfg = C.load_config(REFERENCE)
+    notices = C.compat_notices(cfg)
+    assert [n.split(":")[0] for n in notices] == ["model.use_liger_kernel", "model.use_sdpa_patching"], notices
+    assert all("\n" not in n for n in notices)
+
+
+@pytest.mark.parametrize("data, key", [
+    (_minimal(distributed={"cp_size": 2}), "distributed.cp_size: only 1 is supported, got 2"),
+    (_minimal(distributed={"sequence_parallel": True}), "distributed.sequence_parallel: only false"),
+    (_minimal(distributed={"dp_size": "auto"}), "distributed.dp_size"),
+    (_minimal(optimizer={"bias_correction": False}), "optimizer.bias_correction"),
+    (_minimal(dataloader={"dataset": {"data_dir_list": ["a"], "data_type": "eval"}}), "dataloader.dataset.data_type"),
+])
+def test_compat_values_that_cannot_be_honoured_are_errors(tmp_path, data, key):
+    with pytest.raises(C.ConfigError, match=key.replace(".", r"\.")):
+        C.load_config(_write(tmp_path, data))
+
+
+def test_ignored_compat_values_give_one_notice_each(tmp_path):
+    cfg = C.load_config(_write(tmp_path, _minimal(optimizer={"master_weights": False}, validation_dataloader={
+        "dataset": {"data_dir_list": ["v"], "data_type": "eval"}, "num_workers": 2})))
+    keys = [n.split(":")[0] for n in C.compat_notices(cfg)]
+    assert keys == ["optimizer.master_weights", "validation_dataloader.num_workers"]
+    assert C.compat_notices(C.load_config(_write(tmp_path, _minimal()))) == []
+
+
+def test_world_size_checks():
+    cfg = C.config_from_dict(_minimal(step_scheduler={"global_batch_size": 16, "local_batch_size": 4}))
+    assert C.validate_world(cfg, 2) == 2 and C.validate_world(cfg, 4) == 1
+    with pytest.raises(C.ConfigError, match=r"global_batch_size: 16 is not a multiple of local_batch_size 4 x 3"):
+        C.validate_world(cfg, 3)
+    cfg = C.config_from_dict(_minimal(distributed={"dp_size": 2}))
+    assert C.validate_world(cfg, 2) == 16
+    with pytest.raises(C.ConfigError, match=r"distributed\.dp_size: 2 differs from the 4 rank"):
+        C.validate_world(cfg, 4)
+
+
+def test_one_section_loader_names_the_file_and_the_key(tmp_path):
+    """The loader the mining CLI uses: a file holding one section, keys spelt section.key."""
+    from embedcore.train.config.schema import LRSchedulerConfig
+
+    path = tmp_path / "s.yaml"
+    path.write_text("lr:\n  min_lr: 0.5\n")
+    cfg = C.load_yaml_with_overrides(str(path), ["--lr.lr_warmup_steps", "3"], LRSchedulerConfig, section="lr")
+    assert cfg.min_lr == 0.5 and cfg.lr_warmup_steps == 3
+    assert C.load_yaml_with_overrides(None, [], LRSchedulerConfig, section="lr") == LRSchedulerConfig()
+    with pytest.raises(C.ConfigError, match=r"lr\.nope: unknown key"):
+        C.load_yaml_with_overrides(str(path), ["--lr.nope", "1"], LRSchedulerConfig, section="lr")
+    with pytest.raises(C.ConfigError, match=r"lr\.min_lr: expected a number"):
+        C.load_yaml_with_overrides(str(path), ["--lr.min_lr", "low"], LRSchedulerConfig, section="lr")
+    path.write_text("other: {}\n")
+    with pytest.raises(C.ConfigError, match=r"s\.yaml: expected a single top-level section 'lr'"):
+        C.load_yaml_with_overrides(str(path), [], LRSchedulerConfig, section="lr")

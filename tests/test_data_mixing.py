@@ -180,7 +180,7 @@ def test_config_errors_name_the_key(tmp_path, dataset, val, message):
 
 def test_build_picks_the_mixing_sampler_only_when_asked(tmp_path):
     from embedcore.train import build
-    from embedcore.train.distributed import DistInfo
+    from embedcore.distributed import DistInfo
 
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     plain = config_from_dict(_cfg(tmp_path))

@@ -32,7 +32,8 @@ def items(ds, epoch):
 def test_item_layout_positive_first():
     ds = RetrievalDataset(EXAMPLES, n_passages=5, seed=1)
     it = ds[3]
-    assert set(it) == {"query", "passages", "passage_uids", "qid"}
+    assert set(it) == {"query", "passages", "passage_uids", "qid", "passage_scores"}
+    assert it["passage_scores"] == [None] * 5  # no teacher scores in this data
     assert it["query"] == "q3" and it["qid"] == "id3" and len(it["passages"]) == 5
     assert it["passages"][0].startswith("P3.") and all(p.startswith("N3.") for p in it["passages"][1:])
     assert it["passage_uids"] == [text_uid(p) for p in it["passages"]]

@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embedcore.train.distributed import DistInfo
+from tolerance import backends_to_test
+
+from embedcore.distributed import DistInfo
 from embedcore.train.objective import ColbertObjective, PooledObjective
 
 ONE_RANK = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -74,3 +76,102 @@ def test_colbert_train_loss_masks_copies_of_the_positive(backend):
     s[0, 4] = float("-inf")
     want = (torch.logsumexp(s, 1) - s[torch.arange(B), torch.tensor([0, n])]).mean()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the loss: section's terms
+class Loss:
+    """A stand-in for the config's loss: section (the objective reads these attributes only)."""
+
+    def __init__(self, **kw):
+        self.matryoshka_dims = self.matryoshka_weights = None
+        self.false_negative_margin = self.false_negative_delta = None
+        self.symmetric_weight = self.distill_weight = 0.0
+        self.distill_temperature = 1.0
+        self.__dict__.update(kw)
+
+
+def _ce(s, pos, excluded):
+    """mean over rows of logsumexp over kept columns - s[pos], float64."""
+    out = []
+    for i in range(s.shape[0]):
+        kept = [j for j in range(s.shape[1]) if j == pos[i] or not excluded[i][j]]
+        out.append(torch.logsumexp(s[i, kept], 0) - s[i, pos[i]])
+    return torch.stack(out).mean()
+
+
+def _variant(a, b, pos, ids, L):
+    """The configured InfoNCE of rows a against candidates b, written out pair by pair."""
+    dims = L.matryoshka_dims or [a.shape[1]]
+    weights = L.matryoshka_weights or [1.0] * len(dims)
+    total = 0
+    for d, w in zip(dims, weights):
+        an = F.normalize(a[:, :d], dim=-1) if L.matryoshka_dims else a
+        bn = F.normalize(b[:, :d], dim=-1) if L.matryoshka_dims else b
+        c = an @ bn.T
+        excluded = [[ids is not None and j != pos[i] and ids[j] == ids[pos[i]] for j in range(b.shape[0])]
+                    for i in range(a.shape[0])]
+        for i in range(a.shape[0]):
+            thr = float("inf")
+            if L.false_negative_margin is not None:
+                thr = min(thr, L.false_negative_margin * float(c[i, pos[i]].detach()))
+            if L.false_negative_delta is not None:
+                thr = min(thr, float(c[i, pos[i]].detach()) - L.false_negative_delta)
+            for j in range(b.shape[0]):
+                excluded[i][j] |= j != pos[i] and float(c[i, j].detach()) > thr
+        total = total + w * _ce(c / T, pos, excluded)
+    return total
+
+
+def _reference(q, p, ids, teacher, L, n):
+    B = q.shape[0]
+    loss = _variant(q, p, [b * n for b in range(B)], ids, L)
+    if L.symmetric_weight:
+        q_ids = None if ids is None else ids[::n]
+        loss = loss + L.symmetric_weight * _variant(p[::n], q, list(range(B)), q_ids, L)
+    if L.distill_weight:
+        s = torch.stack([p[b * n:(b + 1) * n] @ q[b] for b in range(B)]) / T
+        t = torch.softmax(teacher / L.distill_temperature, -1)
+        loss = loss + L.distill_weight * (t * (t.log() - torch.log_softmax(s, -1))).sum(-1).mean()
+    return loss
+
+
+TERMS = {
+    "symmetric": dict(symmetric_weight=0.5),
+    "matryoshka": dict(matryoshka_dims=[12, 6, 3], matryoshka_weights=[1.0, 0.5, 0.25]),
+    "filter_margin": dict(false_negative_margin=0.6),
+    "filter_delta": dict(false_negative_delta=0.1),
+    "distill": dict(distill_weight=2.0, distill_temperature=0.5),
+    "all": dict(symmetric_weight=0.3, matryoshka_dims=[12, 5], false_negative_margin=0.6, distill_weight=1.0),
+}
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+@pytest.mark.parametrize("term", list(TERMS))
+def test_loss_terms_match_a_float64_reference(backend, term):
+    g = torch.Generator().manual_seed(3)
+    B, n, D = 5, 3, 12
+    q = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=-1)
+    p = F.normalize(torch.randn(B * n, D, generator=g, dtype=torch.float64), dim=-1)
+    p[7] = p[0]  # a copy of query 0's positive in query 2's group
+    q[4] = 0.8 * p[12] + 0.2 * q[4]  # a query close to its own positive, so the filters have work
+    ids = torch.arange(B * n)
+    ids[7] = ids[0]
+    teacher = torch.randn(B, n, generator=g, dtype=torch.float64)
+    L = Loss(**TERMS[term])
+    qx, px = q.clone().requires_grad_(), p.clone().requires_grad_()
+    objective = PooledObjective(T, L, backend=backend)
+    got = objective.train_loss(qx, None, px, None, ids, ONE_RANK, teacher_scores=teacher)
+    got.backward()
+    qr, pr = q.clone().requires_grad_(), p.clone().requires_grad_()
+    want = _reference(qr, pr, ids, teacher, L, n)
+    want.backward()
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(qx.grad, qr.grad, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(px.grad, pr.grad, rtol=1e-6, atol=1e-8)
+    plain = PooledObjective(T, backend=backend).train_loss(q, None, p, None, ids, ONE_RANK)
+    assert not torch.allclose(got.detach().double(), plain.double()), "the term must change the loss"
+    masked = objective.stats().get("fn_masked")
+    if L.false_negative_margin is not None or L.false_negative_delta is not None:
+        assert int(masked) > 0, "the filter must mask something here (else the test is vacuous)"
+    else:
+        assert masked is None

@@ -120,7 +120,7 @@ def test_separate_passage_encoder_is_exported(tiny, tmp_path):
     back = Biencoder.from_pretrained(out, share_encoder=False)
     for k, v in b.state_dict().items():
         torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0)
-    assert back.info["query_prefix"] == "query:" and back.info["passage_prefix"] == "passage:"
+    assert back.backbone_info["query_prefix"] == "query:" and back.backbone_info["passage_prefix"] == "passage:"
 
 
 def test_colbert_exports_without_st_files(tiny, tmp_path, caplog):
@@ -129,7 +129,7 @@ def test_colbert_exports_without_st_files(tiny, tmp_path, caplog):
     assert not os.path.exists(os.path.join(out, "modules.json"))
     assert "no sentence-transformers files" in caplog.text
     back = Biencoder.from_pretrained(out)
-    assert back.pooling == "colbert" and back.info["query_prefix"] == "q"
+    assert back.pooling == "colbert" and back.backbone_info["query_prefix"] == "q"
 
 
 def test_unmerged_extra_weights_are_refused(tiny, tmp_path):

@@ -109,7 +109,7 @@ def test_two_ranks_equal_one_rank(tmp_path, lora):
 
 GATHER_SCRIPT = r'''
 import sys, torch, torch.distributed as dist
-from embedcore.train.distributed import init_distributed
+from embedcore.distributed import init_distributed
 from embedcore.train.objective import PooledObjective
 info = init_distributed("gloo")
 g = torch.Generator().manual_seed(0)

@@ -12,12 +12,12 @@ import yaml
 from train_fixture import base_config, make_model, write_dataset
 
 from embedcore.train import loop as loop_mod
-from embedcore.train.config import LRSchedulerConfig, config_from_dict
+from embedcore.train.config import LRSchedulerConfig, accumulation_steps, config_from_dict
 from embedcore.train import objective as objective_mod
 from embedcore.train.optim import WarmupDecaySchedule
 
 TRAIN_LINE = re.compile(r"^step \d+ \| epoch \d+ \| loss \d+\.\d{4} \| grad_norm \d+\.\d{4} \| lr \d\.\d{2}e[-+]\d{2} \| "
-                        r"mem \d+\.\d{2} GiB \| time \d+\.\d{2}s \| tokens/s \d+$")
+                        r"mem \d+\.\d{2} GiB \| time \d+\.\d{2}s \| tokens/s \d+ \| padded tokens/s \d+$")
 VAL_LINE = re.compile(r"^step \d+ \| epoch \d+ \| val_loss \d+\.\d{4} \| val_acc1 \d\.\d{4} \| val_mrr \d\.\d{4}$")
 
 
@@ -61,7 +61,7 @@ def test_global_batch_must_divide(setup):
         config_from_dict(base_config(model, train, None, str(root / "x"), global_batch_size=6, local_batch_size=4))
     cfg = config_from_dict(base_config(model, train, None, str(root / "x"), global_batch_size=8, local_batch_size=4))
     with pytest.raises(ValueError, match="global_batch_size: 8 is not a multiple of local_batch_size 4 x 3 rank"):
-        loop_mod.accumulation_steps(cfg, 3)
+        accumulation_steps(cfg, 3)
     assert loop_mod.steps_per_epoch(24, 2, 1, 2) == 6 and loop_mod.steps_per_epoch(25, 2, 2, 2) == 3
 
 

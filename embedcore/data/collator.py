@@ -103,6 +103,8 @@ class BiencoderCollator:
         passage_ids: int64 [B*n], passage_uid_to_int64 of each passage's text key (equal
             normalised text -> equal id, in both data formats; see embedcore.data.ids), for
             masking copies of a positive
+        teacher_scores: float32 [B, n], only when every passage of the batch carries a teacher
+            score (``passage_scores``; for score distillation)
 
     Items may carry their own ``query_prefix`` / ``passage_prefix`` (per-dataset instructions,
     see embedcore.data.instructions); they replace the collator's for that item's texts.
@@ -137,6 +139,10 @@ class BiencoderCollator:
         # Keyed on the text, not the uid: the same text from a corpus and from inline JSONL (or
         # under two doc ids) is one passage, and its copies must be masked (ids.py).
         ids = [passage_uid_to_int64(text_key(t)) for it in items for t in it["passages"]]
-        return {"q_input_ids": q["input_ids"], "q_attention_mask": q["attention_mask"],
-                "p_input_ids": p["input_ids"], "p_attention_mask": p["attention_mask"],
-                "passage_ids": torch.tensor(ids, dtype=torch.int64)}
+        batch = {"q_input_ids": q["input_ids"], "q_attention_mask": q["attention_mask"],
+                 "p_input_ids": p["input_ids"], "p_attention_mask": p["attention_mask"],
+                 "passage_ids": torch.tensor(ids, dtype=torch.int64)}
+        scores = [it.get("passage_scores") for it in items]
+        if all(sc is not None and None not in sc for sc in scores):  # every passage has a teacher score
+            batch["teacher_scores"] = torch.tensor(scores, dtype=torch.float32)  # [B, n]
+        return batch

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from embedcore.data.errors import DataError
-from embedcore.files import iter_lines, parse_json_line, read_json
+from embedcore.files import read_json, read_jsonl
 
 __all__ = ["Corpus", "load_corpus", "METADATA_FILE"]
 
@@ -108,11 +108,7 @@ def _read_parquet(path: str) -> dict:
 
 def _read_jsonl(path: str) -> dict:
     docs = {}
-    for lineno, line in iter_lines(path, "corpus table"):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        obj = parse_json_line(line, where, "bad_corpus_table")
+    for where, obj in read_jsonl(path, "corpus table", "bad_corpus_table"):
         if not isinstance(obj, dict) or "id" not in obj or "text" not in obj:
             raise DataError(f"{where}: expected an object with keys 'id' and 'text'", "bad_corpus_table")
         _add_doc(docs, obj["id"], obj["text"], where)

@@ -141,7 +141,8 @@ class RetrievalDataset:
         ex, pos, negs = self._choose(index)
         group = [pos, *negs]
         item = {"query": ex.query, "passages": [p.text for p in group],
-                "passage_uids": [p.uid for p in group], "qid": ex.qid}
+                "passage_uids": [p.uid for p in group], "qid": ex.qid,
+                "passage_scores": [p.score for p in group]}  # teacher scores (None where the data has none)
         if self.prefixes is not None:
             item["query_prefix"], item["passage_prefix"] = self.prefixes[ex.corpus_id]
         return item

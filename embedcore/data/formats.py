@@ -7,8 +7,11 @@ or a list of those; optional ``question_id`` / ``id``. ``neg_doc`` may be absent
 **Corpus-ID JSON** (``.json``, one document): ``{"corpus": [{"path": DIR}, ...], "data": [{
 "question_id", "question", "corpus_id", "pos_doc": [{"id": ...} or bare id, ...], "neg_doc": [...]}]}``.
 ``DIR`` resolves against the JSON file's folder and is read by :func:`load_corpus`; an entry's
-``corpus_id`` must be one of the corpora the same file lists. Extra keys in a doc reference
-(such as the mining tool's ``"score"``) are ignored.
+``corpus_id`` must be one of the corpora the same file lists.
+
+A ``{"text": ...}`` or ``{"id": ...}`` entry may carry a ``"score"`` (a finite number: a teacher's
+score, as the mining tool writes for negatives), kept on the Passage for score distillation
+(``loss.distill_weight``; the trainer then requires one on every positive and negative).
 
 Errors. Every problem raises :class:`DataError` naming the file and line (JSONL) or the key
 (``data[12]`` in corpus-ID JSON). With ``skip_bad=True`` a bad *example* (malformed line,
@@ -22,6 +25,7 @@ A negative whose uid equals one of the example's positives is dropped (it would 
 negative); the number dropped is in ``ExampleSet.dropped_negatives`` and in ``summary()``.
 """
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field
 from embedcore.data.corpus import Corpus, load_corpus
 from embedcore.data.errors import DataError, SkipCounter
 from embedcore.data.ids import corpus_uid, text_uid
-from embedcore.files import iter_lines, parse_json_line, read_text
+from embedcore.files import iter_records, parse_json_line, read_text
 
 __all__ = ["DataError", "Passage", "Example", "ExampleSet", "load_examples", "load_corpus", "Corpus"]
 
@@ -42,6 +46,7 @@ class Passage:
     text: str
     uid: str
     doc_id: str | None = None
+    score: float | None = None  # a teacher's score for the query, when the data gives one
 
 
 @dataclass
@@ -176,10 +181,8 @@ class _Loader:
 
     def load_jsonl(self, path: str) -> None:
         base = os.path.basename(path)
-        for lineno, line in iter_lines(path, "data file"):  # a non-UTF-8 line stops the load, naming it
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
+        # parsed inside add(), so that skip_bad skips a malformed line; a non-UTF-8 line stops the load, naming it
+        for lineno, where, line in iter_records(path, "data file"):
             self.add(lambda: _inline_example(line, where, f"{base}:{lineno}"), where)
 
     def load_corpus_id(self, path: str, doc: dict) -> None:
@@ -252,8 +255,19 @@ def _qid_of(row: dict, default: str) -> str:
     return default
 
 
+def _score_of(item, where: str, key: str, k: int) -> float | None:
+    """The optional "score" of a pos_doc / neg_doc entry: a finite number, or None."""
+    if not isinstance(item, dict) or item.get("score") is None:
+        return None
+    score = item["score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        raise DataError(f"{where}: {key}[{k}].score must be a finite number, got {score!r:.40}",
+                        "empty_positive" if key == "pos_doc" else "bad_negative")
+    return float(score)
+
+
 def _inline_texts(value, where: str, key: str) -> list:
-    """pos_doc / neg_doc of an inline example -> list of non-empty strings."""
+    """pos_doc / neg_doc of an inline example -> list of (non-empty string, score or None)."""
     if value is None:
         return []
     items = value if isinstance(value, list) else [value]
@@ -264,7 +278,7 @@ def _inline_texts(value, where: str, key: str) -> list:
             hint = " (a doc given by id needs corpus-ID JSON)" if isinstance(item, dict) and "id" in item else ""
             raise DataError(f"{where}: {key}[{k}] is not a non-empty string or {{\"text\": ...}}: {item!r:.80}{hint}",
                             "empty_positive" if key == "pos_doc" else "bad_negative")
-        texts.append(text)
+        texts.append((text, _score_of(item, where, key, k)))
     return texts
 
 
@@ -278,12 +292,12 @@ def _inline_example(line: str, where: str, default_qid: str) -> Example:
         raise DataError(f"{where}: empty positive (key 'pos_doc' missing or empty)", "empty_positive")
     neg = _inline_texts(row.get("neg_doc"), where, "neg_doc")
     return Example(query=query, qid=_qid_of(row, default_qid),
-                   positives=[Passage(t, text_uid(t)) for t in pos],
-                   negatives=[Passage(t, text_uid(t)) for t in neg], source=where)
+                   positives=[Passage(t, text_uid(t), score=sc) for t, sc in pos],
+                   negatives=[Passage(t, text_uid(t), score=sc) for t, sc in neg], source=where)
 
 
 def _doc_refs(value, where: str, key: str) -> list:
-    """pos_doc / neg_doc of a corpus-ID example -> list of doc ids (str)."""
+    """pos_doc / neg_doc of a corpus-ID example -> list of (doc id (str), score or None)."""
     if value is None:
         return []
     items = value if isinstance(value, list) else [value]
@@ -293,7 +307,7 @@ def _doc_refs(value, where: str, key: str) -> list:
         if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool) or str(doc_id) == "":
             raise DataError(f"{where}: {key}[{k}] is not a doc id or {{\"id\": ...}}: {item!r:.80}",
                             "empty_positive" if key == "pos_doc" else "bad_negative")
-        ids.append(str(doc_id))
+        ids.append((str(doc_id), _score_of(item, where, key, k)))
     return ids
 
 
@@ -313,11 +327,11 @@ def _corpus_example(row, where: str, default_qid: str, corpora: dict) -> Example
 
     def passages(ids, key):
         out = []
-        for doc_id in ids:
+        for doc_id, score in ids:
             if doc_id not in corpus.docs:
                 raise DataError(f"{where}: {key} id {doc_id!r} is not in corpus {cid!r} ({corpus.table})",
                                 "unknown_doc_id")
-            out.append(Passage(corpus.docs[doc_id], corpus_uid(cid, doc_id), doc_id))
+            out.append(Passage(corpus.docs[doc_id], corpus_uid(cid, doc_id), doc_id, score))
         return out
 
     return Example(query=query, qid=_qid_of(row, default_qid), positives=passages(pos_ids, "pos_doc"),

@@ -20,6 +20,8 @@ import re
 import torch
 from torch import nn
 
+from embedcore.distributed import is_main
+from embedcore.files import write_json
 from embedcore.lora.apply import LoRASummary, apply_lora, count_params, lora_layers, matches
 
 CONFIG_NAME = "adapter_config.json"
@@ -40,11 +42,6 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     if hasattr(t, "full_tensor"):
         t = t.full_tensor()
     return t.to("cpu").contiguous()
-
-
-def _is_writer() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _target_modules_value(model: nn.Module, names: list[str]):
@@ -99,13 +96,12 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
         "layers_pattern": None,
         **_UNSUPPORTED,
     }
-    if not _is_writer():
+    if not is_main():
         return []
     os.makedirs(directory, exist_ok=True)
     config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     save_file(tensors, weights_path, metadata={"format": "pt"})
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    write_json(config_path, config, indent=2, sort_keys=True)
     return [config_path, weights_path]
 
 

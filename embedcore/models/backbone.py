@@ -5,7 +5,7 @@
 - a Hugging Face folder of a Llama / Qwen2 / Qwen3 / Mistral decoder (a `*Model` or a `*ForCausalLM`
   checkpoint: `AutoModel` keeps the base model): made bidirectional (see bidirectional.py) and checked;
 - a sentence-transformers folder (`modules.json`): the Transformer module's folder is loaded as above,
-  and its pooling, normalisation, prompts and max_seq_length are returned in `info`.
+  and its pooling, normalisation, prompts and max_seq_length are returned in `backbone_info`.
 Other decoder-only families are refused rather than silently trained causally.
 
 Padding side: decoders pad on the LEFT with EOS as pad when the tokenizer has none (the reference's
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from embedcore.dtypes import parse_dtype
 from embedcore.errors import ModelError, PathNotFound
 from embedcore.models.bidirectional import BIDIRECTIONAL_FAMILIES, check_bidirectional, make_bidirectional
 
@@ -108,9 +109,10 @@ def is_decoder_family(config) -> bool:
 
 
 def load_backbone(path, torch_dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
-    """Load the backbone in `path` (model folder or sentence-transformers folder); returns (model, info).
+    """Load the backbone in `path` (model folder or sentence-transformers folder).
 
-    info keys: model_path (folder of config.json), model_type, is_decoder, padding_side,
+    Returns (model, backbone_info), the latter what the folder says about the backbone; its keys:
+    model_path (folder of config.json), model_type, is_decoder, padding_side,
     pooling / l2_normalize / query_prefix / passage_prefix / max_seq_length (from our export's
     embedcore_biencoder.json or a sentence-transformers folder, else None), passage_encoder_path (a
     separately exported passage encoder, else None), sentence_transformers (bool).
@@ -119,11 +121,7 @@ def load_backbone(path, torch_dtype: torch.dtype = torch.float32, attn_implement
     """
     from transformers import AutoModel
 
-    if isinstance(torch_dtype, str):  # the YAML spelling ("bfloat16", "torch.float32")
-        name = torch_dtype.removeprefix("torch.")
-        if name not in ("float32", "bfloat16", "float16", "float64"):
-            raise ValueError(f"torch_dtype {torch_dtype!r}: expected float32, bfloat16, float16 or float64")
-        torch_dtype = getattr(torch, name)
+    torch_dtype = parse_dtype(torch_dtype, "torch_dtype")  # also the YAML spelling ("bfloat16", "torch.float32")
     folder, st = resolve_model_folder(path)
     config = load_config(folder)
     is_decoder = is_decoder_family(config)
@@ -141,7 +139,7 @@ def load_backbone(path, torch_dtype: torch.dtype = torch.float32, attn_implement
         make_bidirectional(model)
         check_bidirectional(model)
     passage_dir = os.path.join(os.fspath(path), "passage_encoder")
-    info = {
+    backbone_info = {
         "model_path": folder,
         "model_type": config.model_type,
         "is_decoder": is_decoder,
@@ -156,10 +154,10 @@ def load_backbone(path, torch_dtype: torch.dtype = torch.float32, attn_implement
     }
     if st is not None:
         for key in ("pooling", "l2_normalize", "query_prefix", "passage_prefix", "max_seq_length"):
-            info[key] = st.get(key)
-    if info["padding_side"] is None:  # encoders: whatever their tokenizer says (right for BERT-likes)
-        info["padding_side"] = _saved_padding_side(folder) or "right"
-    return model, info
+            backbone_info[key] = st.get(key)
+    if backbone_info["padding_side"] is None:  # encoders: whatever their tokenizer says (right for BERT-likes)
+        backbone_info["padding_side"] = _saved_padding_side(folder) or "right"
+    return model, backbone_info
 
 
 def _saved_padding_side(folder: str) -> str | None:

@@ -32,7 +32,7 @@ class Biencoder(nn.Module):
     """Query/passage encoders over a Hugging Face backbone, pooled and normalised by pool_l2."""
 
     def __init__(self, query_encoder: nn.Module, passage_encoder: nn.Module | None = None, pooling: str = "avg",
-                 l2_normalize: bool = True, pooling_backend: str | None = None, info: dict | None = None):
+                 l2_normalize: bool = True, pooling_backend: str | None = None, backbone_info: dict | None = None):
         super().__init__()
         if pooling not in MODES:
             raise ValueError(f"Biencoder: unknown pooling {pooling!r}; expected one of {MODES}")
@@ -41,9 +41,10 @@ class Biencoder(nn.Module):
             # straight into _modules: add_module refuses a name the class has a property for
             self._modules["passage_encoder"] = passage_encoder
         self.pooling, self.l2_normalize, self.pooling_backend = pooling, bool(l2_normalize), pooling_backend
-        self.info = dict(info or {})
-        self.is_decoder = bool(self.info.get("is_decoder", False))
-        self.padding_side = self.info.get("padding_side") or "right"
+        # what load_backbone read from the folder (embedding settings, decoder or not, padding side)
+        self.backbone_info = dict(backbone_info or {})
+        self.is_decoder = bool(self.backbone_info.get("is_decoder", False))
+        self.padding_side = self.backbone_info.get("padding_side") or "right"
 
     @property
     def passage_encoder(self) -> nn.Module:  # a registered module when not shared, else the query encoder
@@ -63,20 +64,21 @@ class Biencoder(nn.Module):
         pooling / l2_normalize None: the folder's settings (ST or our export), else "avg" / True.
         share_encoder=False: the folder's `passage_encoder/` if it has one, else a deep copy.
         """
-        query, info = load_backbone(path, torch_dtype=torch_dtype, attn_implementation=attn_implementation)
+        query, found = load_backbone(path, torch_dtype=torch_dtype, attn_implementation=attn_implementation)
         passage = None
         if not share_encoder:
-            if info["passage_encoder_path"]:
-                passage, _ = load_backbone(info["passage_encoder_path"], torch_dtype=torch_dtype,
+            if found["passage_encoder_path"]:
+                passage, _ = load_backbone(found["passage_encoder_path"], torch_dtype=torch_dtype,
                                            attn_implementation=attn_implementation)
             else:
                 passage = copy.deepcopy(query)
-        elif info["passage_encoder_path"]:
+        elif found["passage_encoder_path"]:
             log.warning("%s has a separate passage encoder (%s); share_encoder=true uses the query encoder "
-                        "for both", path, info["passage_encoder_path"])
-        pooling = pooling if pooling is not None else (info["pooling"] or "avg")
-        l2 = l2_normalize if l2_normalize is not None else (True if info["l2_normalize"] is None else info["l2_normalize"])
-        return cls(query, passage, pooling=pooling, l2_normalize=l2, pooling_backend=pooling_backend, info=info)
+                        "for both", path, found["passage_encoder_path"])
+        pooling = pooling if pooling is not None else (found["pooling"] or "avg")
+        l2 = l2_normalize if l2_normalize is not None else (True if found["l2_normalize"] is None else found["l2_normalize"])
+        return cls(query, passage, pooling=pooling, l2_normalize=l2, pooling_backend=pooling_backend,
+                   backbone_info=found)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, kind: str = "query") -> torch.Tensor:
         """Embeddings [B, D] ([B, S, D] for colbert) of a tokenised batch, by the `kind` encoder."""
@@ -97,6 +99,11 @@ class Biencoder(nn.Module):
         q = self.encode(batch["q_input_ids"], batch["q_attention_mask"], "query")
         p = self.encode(batch["p_input_ids"], batch["p_attention_mask"], "passage")
         return q, p
+
+    @property
+    def embedding_dim(self) -> int:
+        """D of the embeddings (the encoder's hidden size: pooling keeps it)."""
+        return _hidden_size(self.query_encoder)
 
     def encoders(self) -> list[nn.Module]:
         """The distinct encoder modules (one when shared)."""

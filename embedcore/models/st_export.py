@@ -34,6 +34,8 @@ import logging
 import os
 from typing import Any
 
+from embedcore.files import write_json
+
 log = logging.getLogger("embedcore")
 
 OURS_TO_ST = {"avg": "mean_tokens", "cls": "cls_token", "last": "lasttoken", "weighted_avg": "weightedmean_tokens"}
@@ -57,12 +59,6 @@ def _read_json(path: str, what: str):
         raise FileNotFoundError(f"{what}: {path!r} does not exist") from None
     except (OSError, ValueError) as e:
         raise ValueError(f"{what}: cannot read {path!r}: {e}") from e
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 def prompt_to_prefix(prompt: str | None, where: str) -> str | None:
@@ -93,12 +89,24 @@ def add_prompts(out_dir: str, prompts: dict | None) -> None:
             cfg = _read_json(st_file, "sentence-transformers config")
             cfg["prompts"] = {**(cfg.get("prompts") or {}),
                               **{name: prefix_to_prompt(prefix) or "" for name, prefix in prompts.items()}}
-            _write_json(st_file, cfg)
+            write_json(st_file, cfg, indent=2)
         ours = os.path.join(folder, EMBEDCORE_SETTINGS)
         if os.path.isfile(ours):
             cfg = _read_json(ours, "embedcore biencoder settings")
             cfg["prompts"] = {**(cfg.get("prompts") or {}), **prompts}
-            _write_json(ours, cfg)
+            write_json(ours, cfg, indent=2)
+
+
+def add_matryoshka_dims(out_dir: str, dims) -> None:
+    """Record the prefix lengths a Matryoshka loss trained (embedcore_biencoder.json
+    "matryoshka_dims", largest first; passage_encoder/ too when it exists): the dimensions at which
+    sentence-transformers' `truncate_dim=` or `embedcore.evaluate --dim` give trained embeddings."""
+    for folder in (out_dir, os.path.join(out_dir, "passage_encoder")):
+        ours = os.path.join(folder, EMBEDCORE_SETTINGS)
+        if os.path.isfile(ours):
+            cfg = _read_json(ours, "embedcore biencoder settings")
+            cfg["matryoshka_dims"] = sorted((int(d) for d in dims), reverse=True)
+            write_json(ours, cfg, indent=2)
 
 
 def read_prompts(path: str) -> dict:
@@ -215,7 +223,7 @@ def write_embedcore_settings(out_dir: str, **settings) -> None:
     missing = [k for k in SETTINGS_KEYS if k not in settings]
     if missing:
         raise ValueError(f"write_embedcore_settings: missing {missing}")
-    _write_json(os.path.join(out_dir, EMBEDCORE_SETTINGS), settings)
+    write_json(os.path.join(out_dir, EMBEDCORE_SETTINGS), settings, indent=2)
 
 
 def write_sentence_transformers_files(
@@ -241,20 +249,20 @@ def write_sentence_transformers_files(
     if l2_normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
         os.makedirs(os.path.join(out_dir, "2_Normalize"), exist_ok=True)
-    _write_json(os.path.join(out_dir, "modules.json"), modules)
+    write_json(os.path.join(out_dir, "modules.json"), modules, indent=2)
     os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
     pool_cfg: dict[str, Any] = {"word_embedding_dimension": int(embedding_dim)}
     pool_cfg.update({f"pooling_mode_{k}": (k == OURS_TO_ST[pooling]) for k in ST_LONG_KEYS})
     pool_cfg["include_prompt"] = True
-    _write_json(os.path.join(out_dir, "1_Pooling", "config.json"), pool_cfg)
+    write_json(os.path.join(out_dir, "1_Pooling", "config.json"), pool_cfg, indent=2)
     prompts = {k: p for k, p in (("query", prefix_to_prompt(query_prefix)),
                                  ("document", prefix_to_prompt(passage_prefix))) if p is not None}
-    _write_json(os.path.join(out_dir, "config_sentence_transformers.json"), {
+    write_json(os.path.join(out_dir, "config_sentence_transformers.json"), {
         "prompts": prompts,
         "default_prompt_name": None,
         "similarity_fn_name": "cosine" if l2_normalize else "dot",
-    })
+    }, indent=2)
     sb: dict[str, Any] = {"do_lower_case": False}
     if max_seq_length is not None:
         sb = {"max_seq_length": int(max_seq_length), **sb}
-    _write_json(os.path.join(out_dir, "sentence_bert_config.json"), sb)
+    write_json(os.path.join(out_dir, "sentence_bert_config.json"), sb, indent=2)

@@ -14,11 +14,12 @@ Tokenizer decisions (they mirror Llama 3, so the quickstart exercises the same p
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable
 
 import torch
+
+from embedcore.files import write_json
 
 BOS, EOS = "<s>", "</s>"
 
@@ -103,7 +104,6 @@ def make_tiny_llama(
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    with open(os.path.join(out_dir, "embedcore_tiny.json"), "w") as f:
-        json.dump({"made_by": "embedcore.models.tiny.make_tiny_llama", "seed": seed,
-                   "n_training_texts": len(texts)}, f, indent=2)
+    made = {"made_by": "embedcore.models.tiny.make_tiny_llama", "seed": seed, "n_training_texts": len(texts)}
+    write_json(os.path.join(out_dir, "embedcore_tiny.json"), made, indent=2)
     return out_dir

@@ -6,5 +6,5 @@
     topk.blockwise_topk         exact top-k of Q @ D^T tile by tile; sharded_topk merges ranks
     hard_negatives.mine_corpus  one corpus's mining pass (mask, margin, rank window)
     metrics.compute_metrics     nDCG / MRR / Recall / MAP as sentence-transformers computes them
-    distributed                 the few collectives the above need (identity in one process)
+Ranks and collectives come from embedcore.distributed (the identity in one process).
 """

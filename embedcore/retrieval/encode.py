@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from embedcore.retrieval import distributed as D
+from embedcore import distributed as D
 
 
 def length_sorted_batches(texts: list[str], batch_size: int) -> list[list[int]]:
@@ -96,7 +96,7 @@ def _bar(total: int, progress: bool | None, desc: str):
     """tqdm on a terminal (rank 0 only), or when asked."""
     if progress is None:
         progress = sys.stderr.isatty()
-    if not progress or D.rank() != 0:
+    if not progress or not D.is_main():
         return None
     from tqdm.auto import tqdm
 

@@ -13,29 +13,56 @@ For each query (COMPAT.md, Hard-negative mining, without the reference's shortfa
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 
-from embedcore.retrieval import distributed as D
+from embedcore import distributed as D
+from embedcore.errors import ConfigError
 from embedcore.retrieval.encode import encode_all, encode_texts
 from embedcore.retrieval.topk import margin_threshold, sharded_topk
 
 
 @dataclass
 class MiningParams:
-    """The knobs of one mining pass (see embedcore.mine.MiningConfig for their documentation)."""
+    """The knobs of one mining pass, defined (and documented) here once: embedcore.mine.MiningConfig
+    extends them with the model, the files and the prefixes, and they are the `mining.` keys of its
+    config. Checked when built (`__post_init__`: the config loader and library callers alike);
+    errors name the dotted key."""
 
     hard_negatives_to_mine: int = 20
+    """Negatives kept per query (fewer when too few candidates survive; counted in the summary)."""
     hard_neg_margin: float = 0.95
-    hard_neg_margin_type: str = "perc"
+    """Margin of the false-negative filter (see hard_neg_margin_type)."""
+    hard_neg_margin_type: Literal["perc", "abs"] = "perc"
+    """perc: drop candidates scoring above margin * min positive score; abs: above min positive - margin."""
     hard_neg_skip_top_k: int = 0
+    """Rank window: skip this many best surviving candidates before keeping hard_negatives_to_mine."""
     mining_batch_size: int = 128
+    """Texts per encoding batch, and queries per scoring tile."""
     scoring_corpus_block: int = 16384
+    """Corpus rows per scoring tile (a tile is mining_batch_size x scoring_corpus_block floats)."""
     query_max_length: int = 512
+    """Queries are truncated to this many tokens."""
     passage_max_length: int = 512
-    pad_to_multiple_of: int | None = None
-    progress: bool | None = None
+    """Passages are truncated to this many tokens."""
+    pad_to_multiple_of: Optional[int] = None
+    """Pad token lengths to a multiple of this (8 helps tensor cores on GPU)."""
+    progress: Optional[bool] = None
+    """Progress bars (None: when stderr is a terminal)."""
+
+    def __post_init__(self):
+        for name in ("hard_negatives_to_mine", "mining_batch_size", "scoring_corpus_block", "query_max_length",
+                     "passage_max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"mining.{name} must be >= 1, got {getattr(self, name)}")
+        margin = self.hard_neg_margin
+        if not math.isfinite(margin) or (self.hard_neg_margin_type == "perc" and margin <= 0):
+            raise ConfigError(f"mining.hard_neg_margin: must be a finite number (> 0 for perc), got {margin}")
+        if self.hard_neg_skip_top_k < 0:
+            raise ConfigError(f"mining.hard_neg_skip_top_k must be >= 0, got {self.hard_neg_skip_top_k}")
 
 
 @dataclass
@@ -54,10 +81,6 @@ def mine_corpus(model, queries: list[str], positives: list[list[int]], corpus_te
     n_q, n_c = len(queries), len(corpus_texts)
     if len(positives) != n_q:
         raise ValueError(f"{len(positives)} positive lists for {n_q} queries")
-    if params.hard_negatives_to_mine < 1:
-        raise ValueError(f"mining.hard_negatives_to_mine must be >= 1, got {params.hard_negatives_to_mine}")
-    if params.hard_neg_skip_top_k < 0:
-        raise ValueError(f"mining.hard_neg_skip_top_k must be >= 0, got {params.hard_neg_skip_top_k}")
     tag = f" [{desc}]" if desc else ""
     common = dict(batch_size=params.mining_batch_size, pad_to_multiple_of=params.pad_to_multiple_of,
                   progress=params.progress)

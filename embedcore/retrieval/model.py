@@ -23,13 +23,11 @@ import os
 
 import torch
 
+from embedcore.dtypes import parse_dtype
 from embedcore.errors import ConfigError, ModelError
 from embedcore.ops.pool_l2 import MODES
 
 log = logging.getLogger("embedcore.retrieval")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class RetrievalModel:
     """embed(input_ids, attention_mask, kind) -> [B, D] with the model's own pooling and normalisation.
@@ -97,13 +95,10 @@ class RetrievalModel:
         "" means no prefix. Errors name `key` (the config key or flag the path came from)."""
         from embedcore.models.backbone import load_tokenizer
         from embedcore.models.biencoder import Biencoder
-        from embedcore.retrieval import distributed as D
+        from embedcore.distributed import default_device
 
-        device = torch.device(device) if device is not None else D.default_device()
-        if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise ConfigError(f"{key}: unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
-            dtype = _DTYPES[dtype]
+        device = torch.device(device) if device is not None else default_device()
+        dtype = parse_dtype(dtype, key)
         if pooling is not None and pooling not in MODES:
             raise ConfigError(f"{key}: unknown pooling {pooling!r}; expected one of {MODES}")
         separate = os.path.isfile(os.path.join(os.fspath(path), "passage_encoder", "config.json"))
@@ -113,18 +108,18 @@ class RetrievalModel:
             tokenizer = load_tokenizer(path, padding_side=biencoder.padding_side)
         except (OSError, ValueError) as e:  # missing folders, unreadable configs, refused weights (ModelError)
             raise ModelError(f"{key}: cannot load the model {str(path)!r}: {e}") from e
-        info = biencoder.info
-        if info.get("pooling") is None and pooling is None:
+        found = biencoder.backbone_info
+        if found.get("pooling") is None and pooling is None:
             log.warning("%s: %s does not say its pooling; using %s, L2-normalised: %s", key, path,
                         biencoder.pooling, biencoder.l2_normalize)
         explicit = (query_prefix is not None, passage_prefix is not None)
         if query_prefix is None:
-            query_prefix = info.get("query_prefix")
+            query_prefix = found.get("query_prefix")
         if passage_prefix is None:
-            passage_prefix = info.get("passage_prefix")
+            passage_prefix = found.get("passage_prefix")
         biencoder.to(device).eval()
         model = cls(biencoder, tokenizer, query_prefix=query_prefix or None, passage_prefix=passage_prefix or None,
-                    max_seq_length=info.get("max_seq_length"), device=device, path=str(path))
+                    max_seq_length=found.get("max_seq_length"), device=device, path=str(path))
         from embedcore.models.st_export import read_prompts
 
         model.prompts, model.explicit_prefixes = read_prompts(os.fspath(path)), explicit

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from embedcore import distributed as D
+
 NEG_INF = float("-inf")
 
 
@@ -171,25 +173,9 @@ def sharded_topk(queries: torch.Tensor, local_corpus: torch.Tensor, local_index:
     Without an initialised process group (or with one rank) this is blockwise_topk. Every rank
     returns the same merged result. kwargs go to blockwise_topk (exclude, threshold, blocks...)."""
     local = blockwise_topk(queries, local_corpus, k, corpus_index=local_index, num_corpus=num_corpus, **kwargs)
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not D.is_distributed():
         return local
-    device = _collective_device()
-    gathered_s = [torch.empty_like(local.scores, device=device) for _ in range(dist.get_world_size())]
-    gathered_i = [torch.empty_like(local.indices, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered_s, local.scores.to(device))
-    dist.all_gather(gathered_i, local.indices.to(device))
-    return merge_topk(torch.cat(gathered_s, 1).cpu(), torch.cat(gathered_i, 1).cpu(), k)
-
-
-def _collective_device() -> torch.device:
-    """nccl needs CUDA tensors; gloo takes CPU ones."""
-    import torch.distributed as dist
-
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return merge_topk(D.gather_no_grad(local.scores, dim=1).cpu(), D.gather_no_grad(local.indices, dim=1).cpu(), k)
 
 
 def _progress_bar(total: int, progress: bool | None, desc: str):
@@ -197,9 +183,7 @@ def _progress_bar(total: int, progress: bool | None, desc: str):
     if progress is None:
         progress = sys.stderr.isatty()
     if progress:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if not D.is_main():
             return None
         from tqdm.auto import tqdm
 

@@ -1,7 +1,8 @@
 """The trainer behind `python train.py config.yaml` (see examples/quickstart.yaml).
 
-    config.py        typed sections of the reference recipe's YAML, overrides, `_target_` mapping
-    distributed.py   process group (torchrun or single process), FSDP2 wrapping, gathers with gradients
+    config/          typed sections of the reference recipe's YAML (schema), the reference-compatibility
+                     table and `_target_` mapping (compat), YAML + overrides (loading), checks (validation)
+    distributed.py   FSDP2 wrapping (process group, ranks, collectives: embedcore.distributed)
     build.py         model, tokenizer, LoRA, datasets and loaders from the config
     objective.py     the loss: pooled InfoNCE (contrastive_loss) or colbert MaxSim (maxsim_contrastive_loss),
                      global-batch training loss and per-group validation metrics

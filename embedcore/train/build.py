@@ -12,11 +12,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from embedcore.train.config import ConfigError, DataLoaderConfig, ModelConfig, TrainConfig
-from embedcore.train.distributed import DistInfo, barrier
+from embedcore.distributed import DistInfo, barrier
+from embedcore.dtypes import DTYPES
+from embedcore.errors import DataError
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def compute_dtype(cfg: ModelConfig, device: torch.device, notice=log.warning) -> torch.dtype:
@@ -28,18 +29,6 @@ def compute_dtype(cfg: ModelConfig, device: torch.device, notice=log.warning) ->
         notice("model.torch_dtype: float16 needs CUDA; computing in bfloat16 on CPU")
         return torch.bfloat16
     return dtype
-
-
-def gpu_only_notices(cfg: TrainConfig, device: torch.device, notice=log.warning) -> None:
-    """One line per GPU-only setting that has no effect here."""
-    if device.type != "cuda":
-        if cfg.model.use_liger_kernel:
-            notice("model.use_liger_kernel: Liger kernels are CUDA-only; embedcore's fused CPU ops are used instead")
-        if cfg.model.use_sdpa_patching:
-            notice("model.use_sdpa_patching: a CUDA attention patch; transformers' SDPA attention runs as it is")
-    elif cfg.model.use_liger_kernel:
-        notice("model.use_liger_kernel: embedcore's own fused ops (pool_l2, contrastive_loss, lora_linear) "
-               "replace Liger kernels")
 
 
 def maybe_build_tiny_model(cfg: TrainConfig, info: DistInfo) -> None:
@@ -103,6 +92,8 @@ def build_dataset(cfg: TrainConfig, dl: DataLoaderConfig, train: bool):
 
     ds = dl.dataset
     examples = load_examples(list(ds.data_dir_list), skip_bad=ds.skip_bad_examples)
+    if train and cfg.loss.distill_weight:
+        require_teacher_scores(examples)
     seed = cfg.seed if ds.seed is None else ds.seed
     prefixes = dataset_prefixes_of(dl, examples)
     if train and ds.do_shuffle:
@@ -121,6 +112,17 @@ def build_dataset(cfg: TrainConfig, dl: DataLoaderConfig, train: bool):
                      "inline data" if cid is None else f"corpus {cid!r}", qp, pp)
     log.info("%s: %s", "dataloader" if train else "validation_dataloader", dataset.summary())
     return dataset
+
+
+def require_teacher_scores(examples) -> None:
+    """Score distillation needs the teacher's score of every positive and negative: a missing one
+    is an error naming the example's file and line, never a silent zero."""
+    for ex in examples:
+        for key, group in (("pos_doc", ex.positives), ("neg_doc", ex.negatives)):
+            missing = [k for k, p in enumerate(group) if p.score is None]
+            if missing:
+                raise DataError(f"{ex.source}: loss.distill_weight needs a teacher \"score\" on every positive and "
+                                f"negative; {key}[{missing[0]}] has none", "missing_score")
 
 
 def dataset_prefixes_of(dl: DataLoaderConfig, examples) -> dict | None:

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import random
-import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,8 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from embedcore.errors import CheckpointError
-from embedcore.files import replace_text, write_json
-from embedcore.train.distributed import DistInfo, barrier, broadcast_object
+from embedcore.files import publish_folder, replace_text, staging_folder, write_json
+from embedcore.distributed import DistInfo, barrier, broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +109,10 @@ def save_checkpoint(checkpoint_dir: str, step: int, model, optimizer, scheduler,
     """Write step folder `step_<step>` atomically and point LATEST at it. Collective: every rank
     calls it. train_state: JSON-able loop position (epoch, sampler state, ...). Returns the path."""
     final = os.path.join(checkpoint_dir, step_folder_name(step))
-    tmp = os.path.join(checkpoint_dir, f".tmp_{step_folder_name(step)}")
     model_sd = full_model_state(model, trainable_only)
     optim_sd = full_optimizer_state(model, optimizer)
+    tmp = staging_folder(final, clear=info.is_main)  # rank 0 removes the remains of a save that crashed
     if info.is_main:
-        if os.path.exists(tmp):  # the remains of a save that crashed
-            shutil.rmtree(tmp)
         for sub in ("model", "optim", "rng"):
             os.makedirs(os.path.join(tmp, sub))
     barrier(info)
@@ -133,9 +130,7 @@ def save_checkpoint(checkpoint_dir: str, step: int, model, optimizer, scheduler,
     barrier(info)  # every rank's RNG file is in place before the folder is declared complete
     if info.is_main:
         write_json(os.path.join(tmp, STATE_FILE), state)  # written last: its presence marks completeness
-        if os.path.exists(final):  # a stale folder of the same step (a run resumed from an earlier one)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        publish_folder(tmp, final)  # replaces a stale folder of the same step (a run resumed from an earlier one)
         replace_text(os.path.join(checkpoint_dir, LATEST), step_folder_name(step) + "\n")
     barrier(info)
     return final

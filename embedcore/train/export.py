@@ -13,24 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 
+from embedcore.files import atomic_folder
 from embedcore.train import build
 from embedcore.train.checkpoint import full_model_state
-from embedcore.train.distributed import barrier, broadcast_object
+from embedcore.distributed import barrier, broadcast_object
 
 log = logging.getLogger(__name__)
-
-
-def _atomic_folder(final: str, write) -> str:
-    tmp = os.path.join(os.path.dirname(final), f".tmp_{os.path.basename(final)}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    write(tmp)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    return final
 
 
 class Exporter:
@@ -64,9 +53,9 @@ class Exporter:
             target = os.path.join(checkpoint_folder, "model")
             os.makedirs(target, exist_ok=True)
             if self.lora:
-                out["adapter"] = _atomic_folder(os.path.join(target, "adapter"), lambda d: self._write_adapters(model, d))
+                out["adapter"] = atomic_folder(os.path.join(target, "adapter"), lambda d: self._write_adapters(model, d))
             if self.want_consolidated:
-                out["consolidated"] = _atomic_folder(os.path.join(target, "consolidated"),
+                out["consolidated"] = atomic_folder(os.path.join(target, "consolidated"),
                                                      lambda d: self._write_consolidated(model, d))
             for kind, path in out.items():
                 log.info("exported %s: %s", kind, path)
@@ -83,7 +72,7 @@ class Exporter:
             save_adapter(model.passage_encoder, os.path.join(folder, "passage_encoder"), base_model_name_or_path=base)
 
     def _write_consolidated(self, model, folder: str) -> None:
-        from embedcore.models.st_export import add_prompts
+        from embedcore.models.st_export import add_matryoshka_dims, add_prompts
 
         if self.lora:
             from embedcore.lora.peft_format import merge_lora
@@ -96,3 +85,5 @@ class Exporter:
         model.save_pretrained(folder, self.tokenizer, query_prefix=query_prefix, passage_prefix=passage_prefix,
                               max_seq_length=max(coll.q_max_len, coll.p_max_len))
         add_prompts(folder, prompts)
+        if self.cfg.loss.matryoshka_dims:
+            add_matryoshka_dims(folder, self.cfg.loss.matryoshka_dims)

@@ -24,7 +24,7 @@ import statistics
 
 import torch
 
-from embedcore.train.distributed import DistInfo, all_reduce_max
+from embedcore.distributed import DistInfo, all_reduce_max
 
 # Checks with fewer earlier maxima than this compare against nothing (the first losses are the largest).
 MIN_HISTORY = 3

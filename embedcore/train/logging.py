@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from embedcore.files import replace_text
+
 log = logging.getLogger()  # the root logger: "INFO:root:step ..." as in the guide's sample output
 
 TRAIN_FILE = "training.jsonl"
@@ -42,9 +44,12 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def format_train_line(r: dict) -> str:
-    return (f"step {r['step']} | epoch {r['epoch']} | loss {r['loss']:.4f} | grad_norm {r['grad_norm']:.4f} | "
+    line = (f"step {r['step']} | epoch {r['epoch']} | loss {r['loss']:.4f} | grad_norm {r['grad_norm']:.4f} | "
             f"lr {r['lr']:.2e} | mem {r['mem_gib']:.2f} GiB | time {r['time_s']:.2f}s | "
-            f"tokens/s {r['tokens_per_s']:.0f}")
+            f"tokens/s {r['tokens_per_s']:.0f} | padded tokens/s {r['padded_tokens_per_s']:.0f}")
+    if "fn_masked" in r:  # the false-negative filter's count over the log interval, all ranks
+        line += f" | fn_masked {r['fn_masked']}"
+    return line
 
 
 def format_val_line(r: dict) -> str:
@@ -77,10 +82,7 @@ class RunLogger:
                 continue
             with open(path, encoding="utf-8") as f:
                 kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-            tmp = path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(kept)
-            os.replace(tmp, path)
+            replace_text(path, "".join(kept))
 
     def reset(self) -> None:
         """A fresh run: start both JSONL files empty."""

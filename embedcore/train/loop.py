@@ -23,13 +23,15 @@ from embedcore.errors import CheckpointError, ConfigError, TrainingDiverged, Tra
 from embedcore.train import build
 from embedcore.files import check_writable_folder
 from embedcore.train.checkpoint import Checkpointer
-from embedcore.train.config import TrainConfig, to_dict
-from embedcore.train.distributed import (DistInfo, all_reduce_sum, barrier, destroy_distributed, init_distributed,
-                                         shard_model)
+from embedcore.train.config import TrainConfig, compat_notices, to_dict, validate_world
+from embedcore.distributed import DistInfo, all_reduce_sum, barrier, destroy_distributed, init_distributed
+from embedcore.train.distributed import shard_model
 from embedcore.train.guards import DivergenceGuard, InterruptFlag
 from embedcore.train.evaluation import Evaluator
 from embedcore.train.export import Exporter
 from embedcore.train.logging import ProgressBar, RunLogger, peak_memory_gib, setup_logging
+from embedcore.train.activation_checkpointing import apply_activation_checkpointing
+from embedcore.train.grad_cache import cached_step
 from embedcore.train.objective import build_objective
 from embedcore.train.optim import WarmupDecaySchedule, build_optimizer
 from embedcore.train.stream import BatchStream
@@ -54,17 +56,6 @@ def steps_per_epoch(n_examples: int, local: int, world: int, accum: int) -> int:
     return (n_examples // (local * world)) // accum
 
 
-def accumulation_steps(cfg: TrainConfig, world: int) -> int:
-    s = cfg.step_scheduler
-    per_pass = s.local_batch_size * world
-    if s.global_batch_size % per_pass:
-        raise ConfigError(
-            f"step_scheduler.global_batch_size: {s.global_batch_size} is not a multiple of local_batch_size "
-            f"{s.local_batch_size} x {world} rank(s) = {per_pass}"
-        )
-    return s.global_batch_size // per_pass
-
-
 class Trainer:
     """A run: the model and optimizer, and the components that each own a part of it (objective,
     data stream, validator, checkpointer, exporter, evaluator, divergence guard, logger). Its own
@@ -74,10 +65,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
         s = cfg.step_scheduler
-        build.gpu_only_notices(cfg, info.device, self.notice)
+        for line in compat_notices(cfg):
+            self.notice(line)
         self.dtype = build.compute_dtype(cfg.model, info.device, self.notice)
         # Everything that can be checked without the model is checked before it is built.
-        self.accum = accumulation_steps(cfg, info.world_size)
+        self.accum = validate_world(cfg, info.world_size)
         self.train_set = build.build_dataset(cfg, cfg.dataloader, train=True)
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), s.local_batch_size, info.world_size, self.accum)
         if self.steps_per_epoch < 1:
@@ -93,9 +85,17 @@ class Trainer:
         build.maybe_build_tiny_model(cfg, info)
         self.model = build.build_model(cfg)
         self.tokenizer = build.build_tokenizer(cfg, self.model)
+        dims = cfg.loss.matryoshka_dims
+        if dims and max(dims) > self.model.embedding_dim:
+            raise ConfigError(f"loss.matryoshka_dims: {max(dims)} exceeds the model's embedding dimension "
+                              f"{self.model.embedding_dim}")
         self.lora = build.apply_peft(cfg, self.model) if cfg.peft is not None else None
         self.model.to(info.device)
-        sharded = info.world_size > 1 and cfg.distributed.strategy == "fsdp2"
+        if cfg.distributed.activation_checkpointing:  # before sharding, as torchtitan does
+            n = apply_activation_checkpointing(self.model)
+            if info.is_main:
+                log.info("distributed.activation_checkpointing: %d transformer blocks recompute their activations", n)
+        sharded = info.world_size > 1  # distributed.strategy: fsdp2 is the only one
         if sharded:
             shard_model(self.model, self.model.transformer_blocks(), info, self.dtype)
         # FSDP mixed precision casts on CUDA; otherwise autocast gives the low-precision forward.
@@ -140,7 +140,8 @@ class Trainer:
                          self.step // self.steps_per_epoch)
         self.stream.start(self.step, None if state is None else state["sampler"])
         # Device-side bookkeeping, read on log steps only (no host sync per step).
-        self.interval_tokens = torch.zeros((), dtype=torch.float64, device=info.device)
+        self.interval_tokens = torch.zeros((), dtype=torch.float64, device=info.device)  # real tokens encoded
+        self.interval_padded = torch.zeros((), dtype=torch.float64, device=info.device)  # padding included
 
     # ------------------------------------------------------------------ helpers
     def notice(self, msg: str) -> None:
@@ -158,19 +159,29 @@ class Trainer:
         if why:
             raise TrainingDiverged(f"training stopped at step {self.step}: {why}; {self.checkpointer.last_good()}")
 
-    def _micro_step(self, batch: dict) -> torch.Tensor:
+    def _micro_step(self, batch: dict, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch (`last`: the last of the optimizer step)."""
+        chunk = self.cfg.train.grad_cache.chunk_size
+        if chunk:  # cached encoding: encoder memory bounded by the chunk (embedcore.train.grad_cache)
+            r = cached_step(self.model, self.objective, batch, chunk, self.info, autocast=self.autocast,
+                            loss_scale=1.0 / self.accum, last_micro_batch=last)
+            self.interval_tokens += r.real_tokens
+            self.interval_padded += r.padded_tokens
+            return r.loss
         with self.autocast():
             q = self.model.encode(batch["q_input_ids"], batch["q_attention_mask"], "query")
             p = self.model.encode(batch["p_input_ids"], batch["p_attention_mask"], "passage")
         loss = self.objective.train_loss(q, batch["q_attention_mask"], p, batch["p_attention_mask"],
-                                         batch.get("passage_ids"), self.info)
+                                         batch.get("passage_ids"), self.info, teacher_scores=batch.get("teacher_scores"))
         (loss / self.accum).backward()
         self.interval_tokens += batch["q_attention_mask"].sum() + batch["p_attention_mask"].sum()
+        self.interval_padded += batch["q_attention_mask"].numel() + batch["p_attention_mask"].numel()
         return loss.detach()
 
     def _optimizer_step(self, micro: list) -> tuple:
         """One optimizer step over the micro-batches: (mean loss, gradient norm, lr), on the device."""
-        loss = torch.stack([self._micro_step(build.batch_to_device(b, self.info.device)) for b in micro]).mean()
+        loss = torch.stack([self._micro_step(build.batch_to_device(b, self.info.device), last=k == len(micro) - 1)
+                            for k, b in enumerate(micro)]).mean()
         grad_norm = self._clip()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -276,16 +287,19 @@ class Trainer:
         raise TrainingInterrupted(f"interrupted by {name} at step {self.step}: {where}", 128 + signum)
 
     def _log(self, loss, grad_norm, lr, t0, steps) -> float:
-        stats = torch.stack([loss.double(), grad_norm.double().to(loss.device), self.interval_tokens.to(loss.device)])
+        extra = self.objective.stats()  # e.g. fn_masked: candidates the false-negative filter left out
+        stats = torch.stack([loss.double(), grad_norm.double().to(loss.device), self.interval_tokens.to(loss.device),
+                             self.interval_padded.to(loss.device), *(v.double().to(loss.device) for v in extra.values())])
         all_reduce_sum(stats, self.info)
-        loss_v, norm_v, tokens = stats.tolist()
+        loss_v, norm_v, tokens, padded, *extra_v = stats.tolist()
         loss_v /= self.info.world_size
         norm_v /= self.info.world_size  # the same global norm on every rank
         elapsed = time.perf_counter() - t0
         self.interval_tokens.zero_()
+        self.interval_padded.zero_()
         record = {"step": self.step, "epoch": self.epoch, "loss": loss_v, "grad_norm": norm_v, "lr": lr,
                   "mem_gib": peak_memory_gib(self.info.device), "time_s": elapsed / max(steps, 1),
-                  "tokens_per_s": tokens / max(elapsed, 1e-9)}
+                  "tokens_per_s": tokens / max(elapsed, 1e-9), "padded_tokens_per_s": padded / max(elapsed, 1e-9), **{k: int(v) for k, v in zip(extra, extra_v)}}
         self.logger.train(record)
         return loss_v
 
@@ -312,4 +326,4 @@ def train(cfg: TrainConfig) -> RunResult:
         destroy_distributed(info)
 
 
-__all__ = ["train", "Trainer", "RunResult", "TrainingDiverged", "accumulation_steps", "steps_per_epoch"]
+__all__ = ["train", "Trainer", "RunResult", "TrainingDiverged", "steps_per_epoch"]

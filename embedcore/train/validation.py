@@ -12,7 +12,7 @@ import contextlib
 import torch
 
 from embedcore.train.build import batch_to_device
-from embedcore.train.distributed import DistInfo, all_reduce_sum
+from embedcore.distributed import DistInfo, all_reduce_sum
 
 
 def validation_batches(length: int, batch_size: int, info: DistInfo):
