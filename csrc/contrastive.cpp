@@ -25,46 +25,15 @@ namespace {
 constexpr int64_t kTileQ = 256;   // query rows per tile
 constexpr int64_t kTileP = 1024;  // passage columns per tile: 256 x 1024 fp32 = 1 MiB, about one L2
 
-// rows [r0, r0 + n) of t in the accumulation dtype: a view when t already is, else a copy
-// into `buf` (a flat reusable buffer of at least n * D elements).
-at::Tensor rows_in_acc(const at::Tensor& t, int64_t r0, int64_t n, at::Tensor& buf) {
-  auto rows = t.narrow(0, r0, n);
-  if (rows.scalar_type() == buf.scalar_type()) return rows;
-  auto out = buf.narrow(0, 0, n * t.size(1)).view({n, t.size(1)});
-  out.copy_(rows);
-  return out;
-}
-
-// Room for one block converted to the accumulation dtype; empty when t needs no conversion.
-at::Tensor conversion_buffer(const at::Tensor& t, int64_t numel, const at::TensorOptions& acc_opts) {
-  const bool converts = t.scalar_type() != acc_opts.dtype().toScalarType();
-  return at::empty({converts ? numel : 0}, acc_opts);
-}
-
-at::Tensor tile_view(at::Tensor& buf, int64_t rows, int64_t cols) {
-  return buf.narrow(0, 0, rows * cols).view({rows, cols});
-}
-
 void check_inputs(const at::Tensor& q, const at::Tensor& p, const at::Tensor& pos,
                   const c10::optional<at::Tensor>& ids) {
   check_cpu_contiguous(q, "q");
   check_cpu_contiguous(p, "p");
-  check_cpu_contiguous(pos, "positive_index");
   EC_CHECK(q.dim() == 2 && p.dim() == 2 && q.size(1) == p.size(1), "q must be [B, D] and p [P, D], got ",
            q.sizes(), " and ", p.sizes());
   EC_CHECK(q.scalar_type() == p.scalar_type(), "q and p must share a dtype, got ", q.scalar_type(), " and ",
            p.scalar_type());
-  EC_CHECK(pos.scalar_type() == at::kLong && pos.dim() == 1 && pos.size(0) == q.size(0),
-           "positive_index must be int64 [B] = [", q.size(0), "], got ", pos.scalar_type(), " ", pos.sizes());
-  if (ids.has_value()) {
-    check_cpu_contiguous(*ids, "passage_ids");
-    EC_CHECK(ids->scalar_type() == at::kLong && ids->dim() == 1 && ids->size(0) == p.size(0),
-             "passage_ids must be int64 [P] = [", p.size(0), "], got ", ids->scalar_type(), " ", ids->sizes());
-  }
-  const int64_t P = p.size(0);
-  const int64_t* pi = pos.data_ptr<int64_t>();
-  for (int64_t i = 0; i < pos.size(0); ++i)
-    EC_CHECK(pi[i] >= 0 && pi[i] < P, "positive_index[", i, "] = ", pi[i], " is out of range for P = ", P);
+  check_layout(pos, ids, q.size(0), p.size(0));
 }
 
 // s_pos[i] = <q_i, p_pos(i)> / T in the accumulation dtype.
@@ -85,8 +54,6 @@ std::vector<A> positive_scores(const at::Tensor& q, const at::Tensor& p, const i
   });
   return s_pos;
 }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // One row of a fresh score tile in the forward: scale by 1/T, mask copies of the positive
 // (-inf), count the columns beating the positive, fold the tile max into the running max and

@@ -1,5 +1,5 @@
-// lora_linear on CPU: y = x W^T + b + s' (mask * x) A^T B^T, maths and mask hash in
-// embedcore/ops/lora_linear.py (s' = scaling / (1 - p) already folded in by the caller).
+// lora_linear on CPU: y = x W^T + b + s' (mask * x) A^T B^T, maths in embedcore/ops/lora_linear.py,
+// mask hash in embedcore/ops/dropout_hash.py (s' = scaling / (1 - p) already folded in by the caller).
 //
 // Every product goes to BLAS. The big ones (x W^T forward, dy W backward) are written straight
 // into the one output buffer, and the rank-r update is added into that buffer in place:
@@ -27,7 +27,8 @@ inline uint32_t mix32(uint32_t h) {
   return h;
 }
 
-// Keep-mask of element i of the flattened x (the same hash as keep_mask() in Python).
+// Keep-mask of element i of the flattened x: dropout_hash.keep_mask's hash (mix32 above repeats its
+// constants, which C++ cannot import; tests/test_lora_linear.py reads the mask back).
 struct Dropout {
   bool on;
   uint32_t k1, k2, thr;

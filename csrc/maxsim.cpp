@@ -32,20 +32,6 @@ namespace {
 constexpr int64_t kTileRows = 256;   // query tokens per tile (at least one whole query)
 constexpr int64_t kTileCols = 1024;  // passage tokens per tile (at least one whole passage)
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-at::Tensor rows_in_acc(const at::Tensor& t2d, int64_t r0, int64_t n, at::Tensor& buf) {
-  auto rows = t2d.narrow(0, r0, n);
-  if (rows.scalar_type() == buf.scalar_type()) return rows;
-  auto out = buf.narrow(0, 0, n * t2d.size(1)).view({n, t2d.size(1)});
-  out.copy_(rows);
-  return out;
-}
-
-at::Tensor conversion_buffer(const at::Tensor& t, int64_t numel, const at::TensorOptions& acc_opts) {
-  return at::empty({t.scalar_type() != acc_opts.dtype().toScalarType() ? numel : 0}, acc_opts);
-}
-
 // ---- masked max / first argmax over one passage's Lp similarities ------------------------------
 // keep[t] is -1 (all bits) for a real token, 0 for padding: padding never reaches the max, whatever
 // its value. A passage without real tokens gives -inf and index -1.
@@ -158,20 +144,6 @@ Shapes check_tokens(const at::Tensor& q, const at::Tensor& qm, const at::Tensor&
            "p_mask must be bool [P, Lp] = ", p.sizes().slice(0, 2), ", got ", pm.scalar_type(), " ", pm.sizes());
   EC_CHECK(q.numel() > 0 && p.numel() > 0, "q_tok and p_tok must be non-empty, got ", q.sizes(), " and ", p.sizes());
   return {q.size(0), q.size(1), p.size(0), p.size(1), q.size(2)};
-}
-
-void check_layout(const Shapes& s, const at::Tensor& pos, const c10::optional<at::Tensor>& ids) {
-  check_cpu_contiguous(pos, "positive_index");
-  EC_CHECK(pos.scalar_type() == at::kLong && pos.dim() == 1 && pos.size(0) == s.B, "positive_index must be int64 [B] = [",
-           s.B, "], got ", pos.scalar_type(), " ", pos.sizes());
-  if (ids.has_value()) {
-    check_cpu_contiguous(*ids, "passage_ids");
-    EC_CHECK(ids->scalar_type() == at::kLong && ids->dim() == 1 && ids->size(0) == s.P, "passage_ids must be int64 [P] = [",
-             s.P, "], got ", ids->scalar_type(), " ", ids->sizes());
-  }
-  const int64_t* pi = pos.data_ptr<int64_t>();
-  for (int64_t i = 0; i < s.B; ++i)
-    EC_CHECK(pi[i] >= 0 && pi[i] < s.P, "positive_index[", i, "] = ", pi[i], " is out of range for P = ", s.P);
 }
 
 // The keep mask (0 / -1 per token) of passages [j0, j0 + nj), and whether each has a real token.
@@ -410,7 +382,7 @@ std::vector<at::Tensor> maxsim_forward(const at::Tensor& q, const at::Tensor& q_
                                        const at::Tensor& p_mask, const at::Tensor& positive_index,
                                        const c10::optional<at::Tensor>& passage_ids, double inv_temperature) {
   const Shapes s = check_tokens(q, q_mask, p, p_mask);
-  check_layout(s, positive_index, passage_ids);
+  check_layout(positive_index, passage_ids, s.B, s.P);
   EC_CHECK(inv_temperature > 0 && std::isfinite(inv_temperature), "1 / temperature must be finite and > 0, got ",
            inv_temperature);
   std::vector<at::Tensor> out;
@@ -425,7 +397,7 @@ std::vector<at::Tensor> maxsim_backward(const at::Tensor& q, const at::Tensor& q
                                         const c10::optional<at::Tensor>& passage_ids, const at::Tensor& lse,
                                         double scale, double inv_temperature, bool need_q, bool need_p) {
   const Shapes s = check_tokens(q, q_mask, p, p_mask);
-  check_layout(s, positive_index, passage_ids);
+  check_layout(positive_index, passage_ids, s.B, s.P);
   check_cpu_contiguous(lse, "lse");
   EC_CHECK(lse.dim() == 1 && lse.size(0) == s.B && lse.scalar_type() == acc_scalar_type(q.scalar_type()),
            "lse must be [B] of the accumulation dtype, got ", lse.scalar_type(), " ", lse.sizes());

@@ -32,25 +32,6 @@ namespace {
 constexpr int64_t kTileQ = 256;
 constexpr int64_t kTileP = 1024;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-at::Tensor rows_in_acc(const at::Tensor& t, int64_t r0, int64_t n, at::Tensor& buf) {
-  auto rows = t.narrow(0, r0, n);
-  if (rows.scalar_type() == buf.scalar_type()) return rows;
-  auto out = buf.narrow(0, 0, n * t.size(1)).view({n, t.size(1)});
-  out.copy_(rows);
-  return out;
-}
-
-at::Tensor conversion_buffer(const at::Tensor& t, int64_t numel, const at::TensorOptions& acc_opts) {
-  const bool converts = t.scalar_type() != acc_opts.dtype().toScalarType();
-  return at::empty({converts ? numel : 0}, acc_opts);
-}
-
-at::Tensor tile_view(const at::Tensor& buf, int64_t rows, int64_t cols) {
-  return buf.narrow(0, 0, rows * cols).view({rows, cols});
-}
-
 struct Filter {
   bool has_margin, has_delta;
   double margin, delta;
@@ -71,7 +52,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& p, const at::Tensor& al
   check_cpu_contiguous(p, "p");
   check_cpu_contiguous(alpha, "alpha");
   check_cpu_contiguous(beta, "beta");
-  check_cpu_contiguous(pos, "positive_index");
   EC_CHECK(q.dim() == 2 && p.dim() == 2 && q.size(1) == p.size(1), "q must be [B, D] and p [P, D], got ",
            q.sizes(), " and ", p.sizes());
   EC_CHECK(q.scalar_type() == p.scalar_type(), "q and p must share a dtype, got ", q.scalar_type(), " and ",
@@ -88,17 +68,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& p, const at::Tensor& al
   EC_CHECK(beta.scalar_type() == acc && beta.dim() == 2 && beta.size(0) == p.size(0) && beta.size(1) == K,
            "beta must be [P, K] = [", p.size(0), ", ", K, "] of the accumulation dtype, got ", beta.scalar_type(),
            " ", beta.sizes());
-  EC_CHECK(pos.scalar_type() == at::kLong && pos.dim() == 1 && pos.size(0) == q.size(0),
-           "positive_index must be int64 [B] = [", q.size(0), "], got ", pos.scalar_type(), " ", pos.sizes());
-  if (ids.has_value()) {
-    check_cpu_contiguous(*ids, "passage_ids");
-    EC_CHECK(ids->scalar_type() == at::kLong && ids->dim() == 1 && ids->size(0) == p.size(0),
-             "passage_ids must be int64 [P] = [", p.size(0), "], got ", ids->scalar_type(), " ", ids->sizes());
-  }
-  const int64_t P = p.size(0);
-  const int64_t* pi = pos.data_ptr<int64_t>();
-  for (int64_t i = 0; i < pos.size(0); ++i)
-    EC_CHECK(pi[i] >= 0 && pi[i] < P, "positive_index[", i, "] = ", pi[i], " is out of range for P = ", P);
+  check_layout(pos, ids, q.size(0), p.size(0));
 }
 
 // s_pos[i, k] = <q_i, p_pos(i)>_{d_k} * alpha[i, k] * beta[pos(i), k], one sweep over d per row.

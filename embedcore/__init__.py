@@ -2,7 +2,8 @@
 
 Ops (each takes backend=None|"torch"|"triton"|"cpp"; see embedcore.backends):
     pool_l2, contrastive_loss, maxsim_contrastive_loss (ColBERT late interaction), lora_linear;
-    maxsim_scores (the blockwise MaxSim scorer, forward only)
+    matryoshka_contrastive_loss and filtered_contrastive_loss (one pass over the score tiles for
+    several prefixes; in-batch false-negative filtering); maxsim_scores (blockwise MaxSim, forward only)
 Modules:
     Pooler, ContrastiveLoss, LoRALinear
 LoRA on any transformers model:
@@ -23,6 +24,8 @@ _LAZY = {
     "ContrastiveLoss": "embedcore.nn.contrastive",
     "maxsim_contrastive_loss": "embedcore.ops.maxsim",
     "maxsim_scores": "embedcore.ops.maxsim",
+    "matryoshka_contrastive_loss": "embedcore.ops.matryoshka",
+    "filtered_contrastive_loss": "embedcore.ops.matryoshka",
     "lora_linear": "embedcore.ops.lora_linear",
     "LoRALinear": "embedcore.nn.lora",
     "apply_lora": "embedcore.lora.apply",
@@ -37,6 +40,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'embedcore' has no attribute {name!r}")
 
 
-_cpp_ok, _cpp_why = backend_status()["cpp"]
+_cpp_ok, _cpp_why = backend_status("cpp")["cpp"]  # cpp only: probing triton would import it
 if not _cpp_ok:  # said once, at import: CPU tensors then run the torch reference
     _backends.notice_fallback("cpp", _cpp_why)

@@ -8,13 +8,19 @@ contract. `resolve(name, *tensors)` picks the backend for one call:
   back to torch (with a one-time notice) when the preferred backend is missing;
 - a backend asked for by name that cannot run on the given tensors is an error, never a
   silent switch.
+
+What runs once a backend is picked, each op declares itself: an `Implementations` table named
+IMPLEMENTATIONS in its module under embedcore/ops/ (the launch modules of cpp and triton, and
+the functions they share).
 """
 from __future__ import annotations
 
 import importlib
 import logging
 import os
+from dataclasses import dataclass
 from functools import lru_cache
+from types import ModuleType
 
 import torch
 
@@ -56,8 +62,10 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def backend_status() -> dict[str, tuple[bool, str]]:
-    return {name: _probe(name) for name in BACKENDS}
+def backend_status(*names: str) -> dict[str, tuple[bool, str]]:
+    """name -> (available, reason-if-not) for the backends named (all three by default). Probing
+    triton imports it: name only "cpp" where triton is not wanted yet."""
+    return {name: _probe(name) for name in names or BACKENDS}
 
 
 def available_backends() -> list[str]:
@@ -65,11 +73,44 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if _probe(name)[0]]
 
 
-def launch_helpers(op: str, backend: str):
-    """The module with `op`'s launch helpers for a fast backend: embedcore.ops._<op>_cpp (cpp)
-    or embedcore.kernels.<op> (triton); both expose the same function names."""
-    module = f"embedcore.ops._{op}_cpp" if backend == "cpp" else f"embedcore.kernels.{op}"
-    return importlib.import_module(module)
+@dataclass(frozen=True)
+class Implementations:
+    """The table each op declares beside its code: which module runs it on each fast backend.
+
+    torch is always the op's `*_reference` function, called by the op itself and differentiated
+    by plain autograd: it needs no launch module. cpp and triton name one launch module each,
+    written out in full and imported on first use, so that `import embedcore` stays cheap and
+    triton is imported only when a triton call is made. Both launch modules of an op expose the
+    functions of `protocol` (forward and backward, plus the op's extras) with one signature, so
+    the op's autograd.Function runs either without knowing which (tests/test_backends.py checks
+    the signatures match).
+    """
+
+    op: str
+    cpp: str
+    triton: str
+    protocol: tuple[str, ...] = ("forward", "backward")
+
+    def launch(self, backend: str) -> ModuleType:
+        """The launch module of a fast backend (a backend `resolve` returned)."""
+        if backend not in ("cpp", "triton"):
+            raise ValueError(f"{self.op}: {backend!r} has no launch module (torch runs the reference); "
+                             f"expected 'cpp' or 'triton'")
+        return importlib.import_module(self.cpp if backend == "cpp" else self.triton)
+
+    def fast_backends(self) -> list[str]:
+        """The fast backends that can run this op in this process: runtime present and launch
+        module importable (importing the triton one imports triton)."""
+        out = []
+        for name in ("cpp", "triton"):
+            if not _probe(name)[0]:
+                continue
+            try:
+                self.launch(name)
+            except ImportError:
+                continue
+            out.append(name)
+        return out
 
 
 def cpp_ops():

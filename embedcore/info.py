@@ -14,12 +14,15 @@ from importlib.metadata import PackageNotFoundError, distributions, version
 
 import torch
 
-from embedcore.backends import backend_status, launch_helpers
+from embedcore.backends import backend_status
+from embedcore.ops import contrastive, lora_linear, maxsim, pool_l2, prefix_contrastive
 
 LOCK_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "requirements-lock.txt")
-# The public ops and the name of their launch helpers (embedcore.backends.launch_helpers).
-OPS = {"pool_l2": "pool_l2", "contrastive_loss": "contrastive", "maxsim_contrastive_loss": "maxsim",
-       "lora_linear": "lora_linear"}
+# The public ops and their implementation tables (each op module's IMPLEMENTATIONS).
+OPS = {"pool_l2": pool_l2.IMPLEMENTATIONS, "contrastive_loss": contrastive.IMPLEMENTATIONS,
+       "maxsim_contrastive_loss": maxsim.IMPLEMENTATIONS, "lora_linear": lora_linear.IMPLEMENTATIONS,
+       "matryoshka_contrastive_loss": prefix_contrastive.IMPLEMENTATIONS,
+       "filtered_contrastive_loss": prefix_contrastive.IMPLEMENTATIONS}
 # Shown on every report; the other locked packages appear only when they differ.
 SHOWN = ("torch", "triton", "transformers", "kernels", "safetensors", "tokenizers", "huggingface-hub", "peft",
          "sentence-transformers", "numpy")
@@ -85,24 +88,9 @@ def report(lock_path: str = LOCK_FILE) -> str:
     for name, (ok, why) in backend_status().items():
         lines.append(f"  {name:7s} {'available' if ok else 'missing: ' + why}")
     lines.append("ops (backends that can run here; torch always):")
-    status = backend_status()
-    for op, helpers in OPS.items():
-        lines.append(f"  {op:24s} {', '.join(['torch'] + _fast_backends(helpers, status))}")
+    for op, table in OPS.items():
+        lines.append(f"  {op:28s} {', '.join(['torch'] + table.fast_backends())}")
     return "\n".join(lines)
-
-
-def _fast_backends(helpers: str, status) -> list[str]:
-    """The fast backends whose launch helpers for `helpers` import (and whose runtime is present)."""
-    out = []
-    for name in ("cpp", "triton"):
-        if not status[name][0]:
-            continue
-        try:
-            launch_helpers(helpers, name)
-        except ImportError:
-            continue
-        out.append(name)
-    return out
 
 
 def _version() -> str:

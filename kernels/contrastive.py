@@ -33,21 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _dot_upcast(t):
-    """Under TRITON_INTERPRET the interpreter's tl.dot misreads bf16 operands (stored as uint16)
-    and its fp32 -> bf16 cast truncates instead of rounding to nearest; so there the operands are
-    upcast to the accumulation dtype before tl.dot and the gradients are written in fp32 and
-    rounded by torch. On a GPU the operands stay narrow and the kernels store the input dtype."""
-    return t.device.type != "cuda" and t.dtype in (torch.bfloat16, torch.float16)
-
-
-def _precision(dtype):
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+from embedcore.kernels._common import acc_type, dot_precision, dot_upcast, positive_and_kept, score_blocks
 
 
 @triton.jit
@@ -64,18 +50,6 @@ def _score_tile(q_ptr, p_ptr, rows, cols, row_ok, col_ok, D, ACC: tl.constexpr, 
             qv, pv = qv.to(ACC), pv.to(ACC)
         acc = tl.dot(qv, pv, acc, input_precision=PRECISION)
     return acc
-
-
-@triton.jit
-def _positive_and_kept(cols, col_ok, row_ok, pos, pos_id, ids_ptr, HAS_IDS: tl.constexpr):
-    """For a [rows, cols] tile: is each column the row's positive, and does it count in the row's
-    denominator (a real row and column, not a copy of the positive by passage id)."""
-    is_pos = cols[None, :] == pos[:, None]
-    keep = col_ok[None, :] & row_ok[:, None]
-    if HAS_IDS:
-        col_id = tl.load(ids_ptr + cols, mask=col_ok, other=0)
-        keep = keep & ~((col_id[None, :] == pos_id[:, None]) & ~is_pos)
-    return is_pos, keep
 
 
 @triton.jit
@@ -102,7 +76,7 @@ def _forward_kernel(q_ptr, p_ptr, pos_ptr, ids_ptr, lse_ptr, loss_ptr, rank_ptr,
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < P
         s = _score_tile(q_ptr, p_ptr, rows, cols, row_ok, col_ok, D, ACC, PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N, BLOCK_D) * inv_t
-        is_pos, keep = _positive_and_kept(cols, col_ok, row_ok, pos, pos_id, ids_ptr, HAS_IDS)
+        is_pos, keep = positive_and_kept(cols, col_ok, row_ok, pos, pos_id, ids_ptr, HAS_IDS)
         s = tl.where(keep, s, float("-inf"))
         beaten += tl.sum(((s > s_pos[:, None]) & ~is_pos).to(tl.int32), axis=1)
         new_max = tl.maximum(run_max, tl.max(s, axis=1))
@@ -133,7 +107,7 @@ def _dq_kernel(q_ptr, p_ptr, pos_ptr, ids_ptr, lse_ptr, scale_ptr, dq_ptr, B, P,
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < P
         s = _score_tile(q_ptr, p_ptr, rows, cols, row_ok, col_ok, D, ACC, PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N, BLOCK_D) * inv_t
-        is_pos, keep = _positive_and_kept(cols, col_ok, row_ok, pos, pos_id, ids_ptr, HAS_IDS)
+        is_pos, keep = positive_and_kept(cols, col_ok, row_ok, pos, pos_id, ids_ptr, HAS_IDS)
         prob = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
         ds = (prob - is_pos.to(ACC)) * scale
         pv = tl.load(p_ptr + cols[:, None] * D + offs_o[None, :], mask=col_ok[:, None] & o_ok[None, :], other=0.0)
@@ -184,17 +158,7 @@ def _dp_kernel(q_ptr, p_ptr, pos_ptr, ids_ptr, lse_ptr, scale_ptr, dp_ptr, B, P,
              mask=col_ok[:, None] & o_ok[None, :])
 
 
-def _blocks(D, device):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO, num_warps). The interpreter prefers few, large
-    programs; tl.dot on a GPU wants every block dimension >= 16."""
-    d_pow2 = max(16, triton.next_power_of_2(D))
-    if device.type != "cuda":
-        return 32, 32, min(d_pow2, 64), min(d_pow2, 64), 4
-    block_do = min(d_pow2, 256)
-    return 64, 64, min(d_pow2, 64), block_do, 8 if block_do > 128 else 4
-
-
-def contrastive_forward(q, p, positive_index, passage_ids, temperature):
+def forward(q, p, positive_index, passage_ids, temperature):
     """-> (lse [B], row_loss [B], ranks [B] int64); lse and row_loss in the accumulation dtype."""
     B, D = q.shape
     P = p.shape[0]
@@ -202,29 +166,29 @@ def contrastive_forward(q, p, positive_index, passage_ids, temperature):
     lse = torch.empty(B, device=q.device, dtype=acc_dtype)
     row_loss = torch.empty(B, device=q.device, dtype=acc_dtype)
     ranks = torch.empty(B, device=q.device, dtype=torch.int64)
-    bm, bn, bd, _, warps = _blocks(D, q.device)
+    bm, bn, bd, _, warps = score_blocks(D, q.device)
     has_ids = passage_ids is not None
     ids = passage_ids if has_ids else positive_index  # a valid pointer, never read
     _forward_kernel[(triton.cdiv(B, bm),)](
         q, p, positive_index, ids, lse, row_loss, ranks, B, P, D, 1.0 / temperature,
-        HAS_IDS=has_ids, ACC=_acc(q.dtype), PRECISION=_precision(q.dtype), DOT_UPCAST=_dot_upcast(q),
+        HAS_IDS=has_ids, ACC=acc_type(q.dtype), PRECISION=dot_precision(q.dtype), DOT_UPCAST=dot_upcast(q),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
     )
     return lse, row_loss, ranks
 
 
-def contrastive_backward(q, p, positive_index, passage_ids, lse, scale, temperature, need_q, need_p):
+def backward(q, p, positive_index, passage_ids, lse, scale, temperature, need_q, need_p):
     """-> (dq or None, dp or None) in the input dtype; scale = g / (B T), a 0-dim tensor on the
     device (read by the kernels, so no host sync)."""
     B, D = q.shape
     P = p.shape[0]
-    bm, bn, bd, bdo, warps = _blocks(D, q.device)
+    bm, bn, bd, bdo, warps = score_blocks(D, q.device)
     has_ids = passage_ids is not None
     ids = passage_ids if has_ids else positive_index
     scale = scale.to(device=q.device, dtype=lse.dtype).reshape(1)
-    common = dict(HAS_IDS=has_ids, ACC=_acc(q.dtype), PRECISION=_precision(q.dtype), DOT_UPCAST=_dot_upcast(q),
+    common = dict(HAS_IDS=has_ids, ACC=acc_type(q.dtype), PRECISION=dot_precision(q.dtype), DOT_UPCAST=dot_upcast(q),
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo, num_warps=warps)
-    grad_dtype = lse.dtype if _dot_upcast(q) else q.dtype
+    grad_dtype = lse.dtype if dot_upcast(q) else q.dtype
     dq = dp = None
     if need_q:
         dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)

@@ -1,4 +1,5 @@
-"""Triton kernels for lora_linear (maths and the dropout hash: embedcore/ops/lora_linear.py).
+"""Triton kernels for lora_linear (maths: embedcore/ops/lora_linear.py; the dropout
+hash: embedcore/ops/dropout_hash.py).
 
 Forward, one kernel: each program owns an [BLOCK_M, BLOCK_N] output tile and, in the same loop
 over `in`, accumulates both x W^T and its M-block's rank-r intermediate xa = (mask * x) A^T
@@ -23,16 +24,21 @@ import triton
 import triton.language as tl
 
 from embedcore.backends import triton_interpreted
-from embedcore.ops.lora_linear import dropout_keys, dropout_threshold
+from embedcore.kernels._common import dot_precision, dot_upcast
+from embedcore.ops.dropout_hash import MIX_C1, MIX_C2, kernel_mask_args
+
+# The mixer's constants as Triton sees a global: a constexpr, the one definition in dropout_hash.
+_MIX_C1 = tl.constexpr(MIX_C1)
+_MIX_C2 = tl.constexpr(MIX_C2)
 
 
 @triton.jit
 def _mix32(h):
-    # Same mixer as embedcore.ops.lora_linear.mix32, in native uint32 (wraps mod 2^32).
+    # embedcore.ops.dropout_hash.mix32 in native uint32 (wraps mod 2^32, so no & MASK32).
     h = h ^ (h >> 16)
-    h = h * 0x21F0AAAD
+    h = h * _MIX_C1
     h = h ^ (h >> 15)
-    h = h * 0x735A2D97
+    h = h * _MIX_C2
     h = h ^ (h >> 15)
     return h
 
@@ -173,27 +179,8 @@ def _blocks(r: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=128 if block_r <= 64 else 64, BLOCK_K=32, BLOCK_R=block_r, num_warps=8, num_stages=3)
 
 
-def _mask_args(dropout_p, seed):
-    if dropout_p <= 0:
-        return False, 0, 0, 0
-    k1, k2 = dropout_keys(seed)
-    return True, k1, k2, dropout_threshold(dropout_p)
-
-
-def _precision(dtype):
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
-def _upcast(t):
-    """Under TRITON_INTERPRET the interpreter's tl.dot misreads bf16/fp16 operands (stored as
-    uint16) and its fp32 -> bf16 cast truncates instead of rounding; so there the operands are
-    upcast to fp32 before tl.dot and outputs are written in fp32 and rounded by torch. On a GPU
-    the operands stay narrow and the kernels store the input dtype."""
-    return t.device.type != "cuda" and t.dtype in (torch.bfloat16, torch.float16)
-
-
 def _out_buffer(shape, like):
-    return torch.empty(shape, device=like.device, dtype=torch.float32 if _upcast(like) else like.dtype)
+    return torch.empty(shape, device=like.device, dtype=torch.float32 if dot_upcast(like) else like.dtype)
 
 
 def forward(x, weight, bias, lora_a, lora_b, s_eff, dropout_p, seed):
@@ -204,12 +191,12 @@ def forward(x, weight, bias, lora_a, lora_b, s_eff, dropout_p, seed):
     N, R = weight.shape[0], lora_a.shape[0]
     if R > 128:
         raise ValueError(f"lora_linear: the triton backend supports rank r <= 128, got {R}")
-    dropout, k1, k2, thr = _mask_args(dropout_p, seed)
+    dropout, k1, k2, thr = kernel_mask_args(dropout_p, seed)
     out = _out_buffer((M, N), x)
     blk = _blocks(R)
     grid = (triton.cdiv(M, blk["BLOCK_M"]), triton.cdiv(N, blk["BLOCK_N"]))
     _fwd_kernel[grid](x, weight, bias if bias is not None else x, lora_a, lora_b, out, M, N, K, R, s_eff, k1, k2, thr,
-                      HAS_BIAS=bias is not None, DROPOUT=dropout, PRECISION=_precision(x.dtype), UPCAST=_upcast(x), **blk)
+                      HAS_BIAS=bias is not None, DROPOUT=dropout, PRECISION=dot_precision(x.dtype), UPCAST=dot_upcast(x), **blk)
     return out.to(x.dtype), None
 
 
@@ -217,18 +204,18 @@ def backward(grad_out, x, weight, lora_a, lora_b, xa, s_eff, dropout_p, seed, ne
     """-> (dx or None, dA, dB) in x's dtype."""
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
-    dropout, k1, k2, thr = _mask_args(dropout_p, seed)
+    dropout, k1, k2, thr = kernel_mask_args(dropout_p, seed)
     blk = _blocks(R)
-    prec = _precision(x.dtype)
+    prec = dot_precision(x.dtype)
     xa = torch.empty((M, R), device=x.device, dtype=torch.float32)
     g = torch.empty((M, R), device=x.device, dtype=torch.float32)
     _rank_kernel[(triton.cdiv(M, blk["BLOCK_M"]),)](x, grad_out, lora_a, lora_b, xa, g, M, N, K, R, s_eff, k1, k2, thr,
-                                                    DROPOUT=dropout, PRECISION=prec, UPCAST=_upcast(x), **blk)
+                                                    DROPOUT=dropout, PRECISION=prec, UPCAST=dot_upcast(x), **blk)
     dx = None
     if need_dx:
         dx = _out_buffer((M, K), x)
         grid = (triton.cdiv(M, blk["BLOCK_M"]), triton.cdiv(K, blk["BLOCK_K"]))
-        _dx_kernel[grid](grad_out, weight, lora_a, g, dx, M, N, K, R, k1, k2, thr, DROPOUT=dropout, PRECISION=prec, UPCAST=_upcast(x), **blk)
+        _dx_kernel[grid](grad_out, weight, lora_a, g, dx, M, N, K, R, k1, k2, thr, DROPOUT=dropout, PRECISION=prec, UPCAST=dot_upcast(x), **blk)
         dx = dx.to(x.dtype)
     red = dict(BLOCK_M=blk["BLOCK_M"] if triton_interpreted() else 32, BLOCK_L=blk["BLOCK_N"] if triton_interpreted() else 64,
                BLOCK_R=blk["BLOCK_R"])

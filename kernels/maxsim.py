@@ -37,19 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _dot_upcast(t):
-    """The interpreter's tl.dot misreads bf16 operands (see kernels/contrastive.py): there the
-    operands are upcast and the gradients written in fp32, rounded by torch."""
-    return t.device.type != "cuda" and t.dtype in (torch.bfloat16, torch.float16)
-
-
-def _precision(dtype):
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+from embedcore.kernels._common import acc_type, dot_precision, dot_upcast
 
 
 @triton.jit
@@ -212,28 +200,28 @@ def _blocks(Lq, Lp, D, device):
     return bq, bt, min(d_pow2, 64), min(d_pow2, 128), 16, 4
 
 
-def _common(q, Lq, Lp, D):
+def _launch_args(q, Lq, Lp, D):
     bq, bt, bd, bdo, per_program, warps = _blocks(Lq, Lp, D, q.device)
-    return dict(ACC=_acc(q.dtype), PRECISION=_precision(q.dtype), DOT_UPCAST=_dot_upcast(q), BLOCK_Q=bq,
+    return dict(ACC=acc_type(q.dtype), PRECISION=dot_precision(q.dtype), DOT_UPCAST=dot_upcast(q), BLOCK_Q=bq,
                 BLOCK_T=bt, BLOCK_D=bd, num_warps=warps), bdo, per_program
 
 
-def maxsim_scores(q_tok, q_mask, p_tok, p_mask):
+def scores(q_tok, q_mask, p_tok, p_mask):
     """-> S [B, P] in the accumulation dtype."""
     B, Lq, D = q_tok.shape
     P, Lp = p_tok.shape[:2]
-    common, _, per_program = _common(q_tok, Lq, Lp, D)
+    common, _, per_program = _launch_args(q_tok, Lq, Lp, D)
     out = torch.empty(B, P, device=q_tok.device, dtype=torch.float64 if q_tok.dtype == torch.float64 else torch.float32)
     _scores_kernel[(B, triton.cdiv(P, per_program))](q_tok, q_mask, p_tok, p_mask, out, P, Lq, Lp, D, per_program,
                                                       **common)
     return out
 
 
-def maxsim_forward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids, temperature):
+def forward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids, temperature):
     """-> (lse [B], row_loss [B], ranks [B] int64); lse and row_loss in the accumulation dtype."""
     B, Lq, D = q_tok.shape
     P, Lp = p_tok.shape[:2]
-    common, _, per_program = _common(q_tok, Lq, Lp, D)
+    common, _, per_program = _launch_args(q_tok, Lq, Lp, D)
     acc_dtype = torch.float64 if q_tok.dtype == torch.float64 else torch.float32
     splits = triton.cdiv(P, per_program)
     s_pos = torch.empty(B, device=q_tok.device, dtype=acc_dtype)
@@ -250,16 +238,16 @@ def maxsim_forward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids, te
     return lse, lse - s_pos, 1 + part_beaten.sum(1).to(torch.int64)
 
 
-def maxsim_backward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids, lse, scale, temperature, need_q, need_p):
+def backward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids, lse, scale, temperature, need_q, need_p):
     """-> (dq or None, dp or None) in the input dtype; scale = g / (B T), a 0-dim tensor on the
     device (read by the kernels, so no host sync)."""
     B, Lq, D = q_tok.shape
     P, Lp = p_tok.shape[:2]
-    common, bdo, _ = _common(q_tok, Lq, Lp, D)
+    common, bdo, _ = _launch_args(q_tok, Lq, Lp, D)
     has_ids = passage_ids is not None
     ids = passage_ids if has_ids else positive_index
     scale = scale.to(device=q_tok.device, dtype=lse.dtype).reshape(1)
-    grad_dtype = lse.dtype if _dot_upcast(q_tok) else q_tok.dtype
+    grad_dtype = lse.dtype if dot_upcast(q_tok) else q_tok.dtype
     args = (q_tok, q_mask, p_tok, p_mask, positive_index, ids, lse, scale)
     dq = dp = None
     if need_q:

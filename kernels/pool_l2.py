@@ -16,9 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+from embedcore.kernels._common import acc_type
 
 
 @triton.jit
@@ -108,23 +106,23 @@ def _block_d(D):
     return min(triton.next_power_of_2(D), 1024)
 
 
-def pool_forward(hidden, weights, normalize, eps):
+def forward(hidden, weights, normalize, eps):
     B, S, D = hidden.shape
     pooled = torch.empty((B, D), device=hidden.device, dtype=weights.dtype)
     out = torch.empty((B, D), device=hidden.device, dtype=hidden.dtype)
     block_d = min(triton.next_power_of_2(D), 128)
     _weighted_sum_kernel[(B, triton.cdiv(D, block_d))](
         hidden, weights, pooled, S, D, hidden.stride(0), hidden.stride(1),
-        ACC=_acc(hidden.dtype), BLOCK_S=16, BLOCK_D=block_d)
+        ACC=acc_type(hidden.dtype), BLOCK_S=16, BLOCK_D=block_d)
     _normalize_rows_kernel[(B,)](pooled, pooled, out, D, eps, NORMALIZE=normalize, HAS_MASK=False,
-                                 ACC=_acc(hidden.dtype), BLOCK_D=_block_d(D))
+                                 ACC=acc_type(hidden.dtype), BLOCK_D=_block_d(D))
     return out, pooled
 
 
-def pool_backward(grad_out, weights, pooled, normalize, eps, shape, dtype):
+def backward(grad_out, weights, pooled, normalize, eps, shape, dtype):
     B, S, D = shape
     dpooled = torch.empty_like(pooled)
-    acc = _acc(dtype)
+    acc = acc_type(dtype)
     _normalize_rows_backward_kernel[(B,)](pooled, grad_out, pooled, dpooled, D, eps, NORMALIZE=normalize,
                                           HAS_MASK=False, ACC=acc, BLOCK_D=_block_d(D))
     grad = torch.empty((B, S, D), device=pooled.device, dtype=dtype)
@@ -138,7 +136,7 @@ def colbert_forward(hidden, token_mask, normalize, eps):
     B, S, D = hidden.shape
     out = torch.empty_like(hidden)
     _normalize_rows_kernel[(B * S,)](hidden, token_mask, out, D, eps, NORMALIZE=normalize, HAS_MASK=True,
-                                     ACC=_acc(hidden.dtype), BLOCK_D=_block_d(D))
+                                     ACC=acc_type(hidden.dtype), BLOCK_D=_block_d(D))
     return out
 
 
@@ -146,5 +144,5 @@ def colbert_backward(grad_out, hidden, token_mask, normalize, eps):
     B, S, D = hidden.shape
     grad = torch.empty_like(hidden)
     _normalize_rows_backward_kernel[(B * S,)](hidden, grad_out, token_mask, grad, D, eps, NORMALIZE=normalize,
-                                              HAS_MASK=True, ACC=_acc(hidden.dtype), BLOCK_D=_block_d(D))
+                                              HAS_MASK=True, ACC=acc_type(hidden.dtype), BLOCK_D=_block_d(D))
     return grad

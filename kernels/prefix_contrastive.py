@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from embedcore.kernels.contrastive import _acc, _blocks, _dot_upcast, _positive_and_kept, _precision
+from embedcore.kernels._common import acc_type, dot_precision, dot_upcast, positive_and_kept, score_blocks
 
 
 @triton.jit
@@ -103,7 +103,7 @@ def _forward_kernel(q_ptr, p_ptr, alpha_ptr, beta_ptr, dims_ptr, pos_ptr, ids_pt
     for n0 in range(0, P, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < P
-        is_pos, keep0 = _positive_and_kept(cols, col_ok, row_ok, pos, pos_id, ids_ptr, HAS_IDS)
+        is_pos, keep0 = positive_and_kept(cols, col_ok, row_ok, pos, pos_id, ids_ptr, HAS_IDS)
         dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         lo = 0
         for k in tl.static_range(K):
@@ -160,7 +160,7 @@ def _dq_kernel(q_ptr, p_ptr, alpha_ptr, beta_ptr, dims_ptr, pos_ptr, ids_ptr, ls
     for n0 in range(0, P, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < P
-        is_pos, keep0 = _positive_and_kept(cols, col_ok, row_ok, pos, pos_id, ids_ptr, HAS_IDS)
+        is_pos, keep0 = positive_and_kept(cols, col_ok, row_ok, pos, pos_id, ids_ptr, HAS_IDS)
         dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         Y = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         lo = 0
@@ -259,19 +259,19 @@ def _dp_kernel(q_ptr, p_ptr, alpha_ptr, beta_ptr, dims_ptr, pos_ptr, ids_ptr, ls
         tl.store(csds_ptr + cols[:, None] * K + kk[None, :], sds, mask=col_ok[:, None] & (kk < K)[None, :])
 
 
-def _common(q, dims, passage_ids, positive_index, margin, delta):
+def _launch_args(q, dims, passage_ids, positive_index, margin, delta):
     K = len(dims)
     dims_t = torch.tensor(dims, dtype=torch.int32).to(q.device, non_blocking=True)
     has_ids = passage_ids is not None
     flags = dict(K=K, KP=max(2, triton.next_power_of_2(K)), HAS_IDS=has_ids, HAS_MARGIN=margin is not None,
-                 HAS_DELTA=delta is not None, ACC=_acc(q.dtype), PRECISION=_precision(q.dtype),
-                 DOT_UPCAST=_dot_upcast(q))
+                 HAS_DELTA=delta is not None, ACC=acc_type(q.dtype), PRECISION=dot_precision(q.dtype),
+                 DOT_UPCAST=dot_upcast(q))
     ids = passage_ids if has_ids else positive_index  # a valid pointer, never read
     scalars = (0.0 if margin is None else float(margin), 0.0 if delta is None else float(delta))
     return dims_t, ids, flags, scalars
 
 
-def prefix_forward(q, p, alpha, beta, positive_index, passage_ids, dims, margin, delta):
+def forward(q, p, alpha, beta, positive_index, passage_ids, dims, margin, delta):
     """-> (lse [B, K], s_pos [B, K], ranks [B, K] int64, masked [B, K] int64)."""
     B, D = q.shape
     P, K = p.shape[0], len(dims)
@@ -280,25 +280,25 @@ def prefix_forward(q, p, alpha, beta, positive_index, passage_ids, dims, margin,
     s_pos = torch.empty(B, K, device=q.device, dtype=acc_dtype)
     ranks = torch.empty(B, K, device=q.device, dtype=torch.int64)
     masked = torch.empty(B, K, device=q.device, dtype=torch.int64)
-    bm, bn, bd, _, warps = _blocks(D, q.device)
-    dims_t, ids, flags, (m, d) = _common(q, dims, passage_ids, positive_index, margin, delta)
+    bm, bn, bd, _, warps = score_blocks(D, q.device)
+    dims_t, ids, flags, (m, d) = _launch_args(q, dims, passage_ids, positive_index, margin, delta)
     _forward_kernel[(triton.cdiv(B, bm),)](
         q, p, alpha, beta, dims_t, positive_index, ids, lse, s_pos, ranks, masked, B, P, D, m, d,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, **flags)
     return lse, s_pos, ranks, masked
 
 
-def prefix_backward(q, p, alpha, beta, positive_index, passage_ids, lse, s_pos, coef, dims, margin, delta,
+def backward(q, p, alpha, beta, positive_index, passage_ids, lse, s_pos, coef, dims, margin, delta,
                     need_q, need_p, need_alpha, need_beta, acc_grads=False):
     """-> (dq, dp, sum_j dS s [B, K], sum_i dS s [P, K]), None where not needed; coef [K] = g w / B on
     the device (read by the kernels: no host sync). dq, dp in the input dtype, or in the
     accumulation dtype with acc_grads (for a caller that adds terms before rounding once)."""
     B, D = q.shape
     P, K = p.shape[0], len(dims)
-    bm, bn, bd, bdo, warps = _blocks(D, q.device)
-    dims_t, ids, flags, (m, d) = _common(q, dims, passage_ids, positive_index, margin, delta)
+    bm, bn, bd, bdo, warps = score_blocks(D, q.device)
+    dims_t, ids, flags, (m, d) = _launch_args(q, dims, passage_ids, positive_index, margin, delta)
     coef = coef.to(device=q.device, dtype=lse.dtype).contiguous()
-    grad_dtype = lse.dtype if (acc_grads or _dot_upcast(q)) else q.dtype
+    grad_dtype = lse.dtype if (acc_grads or dot_upcast(q)) else q.dtype
     common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo, num_warps=warps, **flags)
     dq = dp = row = col = None
     if need_q or need_alpha:

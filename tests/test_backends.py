@@ -1,12 +1,18 @@
-"""Dispatch: explicit names win, unknown names and impossible requests are errors, never a silent switch."""
+"""Dispatch: explicit names win, unknown names and impossible requests are errors, never a silent switch.
+The seam: each op's table names its launch modules, which share one protocol."""
+import inspect
 import subprocess
 import sys
 
 import pytest
 import torch
+from tolerance import backends_to_test
 
 import embedcore
 from embedcore import backends
+from embedcore.ops import contrastive, lora_linear, maxsim, pool_l2, prefix_contrastive
+
+TABLES = [t.IMPLEMENTATIONS for t in (pool_l2, contrastive, maxsim, lora_linear, prefix_contrastive)]
 
 
 def test_default_on_cpu_is_cpp():
@@ -69,3 +75,29 @@ def test_import_without_extension_says_once_and_falls_back_to_torch():
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run([sys.executable, "-c", code + "embedcore.pool_l2(h, m, backend='cpp')\n"],
                        capture_output=True, text=True, check=True)
+
+
+def _own_functions(module) -> list[str]:
+    """The public functions a launch module defines itself (not the helpers it imports)."""
+    return sorted(n for n, f in vars(module).items()
+                  if inspect.isfunction(f) and f.__module__ == module.__name__ and not n.startswith("_"))
+
+
+@pytest.mark.parametrize("table", TABLES, ids=lambda t: t.op)
+def test_launch_modules_share_the_protocol_of_their_op(table):
+    """cpp and triton expose exactly the op's protocol, function by function with one signature, so
+    the op's autograd.Function runs either unchanged."""
+    fast = [b for b in ("cpp", "triton") if b in backends_to_test()]
+    modules = {b: table.launch(b) for b in fast}
+    for b, module in modules.items():
+        assert _own_functions(module) == sorted(table.protocol), f"{table.op} {b}: {module.__name__}"
+    for name in table.protocol:
+        signatures = {b: inspect.signature(getattr(m, name)) for b, m in modules.items()}
+        assert len(set(signatures.values())) == 1, f"{table.op}.{name}: {signatures}"
+
+
+def test_torch_has_no_launch_module():
+    with pytest.raises(ValueError, match="torch runs the reference"):
+        contrastive.IMPLEMENTATIONS.launch("torch")
+    assert contrastive.IMPLEMENTATIONS.fast_backends()[:1] == ["cpp"]  # make builds the extension
+

@@ -35,3 +35,13 @@ def test_every_public_op_is_listed_with_the_backends_that_run_here():
     assert set(listed) == set(info.OPS) and all(callable(getattr(embedcore, op)) for op in listed)
     assert "maxsim_contrastive_loss" in listed
     assert all(v.startswith("torch, cpp") for v in listed.values())  # make builds the extension
+
+
+def test_import_embedcore_stays_cheap_for_other_trainers():
+    """A drop-in kernel package: importing it must not import triton (nor the trainer)."""
+    import subprocess
+    import sys
+
+    code = "import sys, embedcore; print(sorted(m for m in ('triton', 'embedcore.train', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

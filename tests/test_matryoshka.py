@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerance import assert_close, backends_to_test, device_for, resolve_ok
+from tolerance import assert_matches, backends_to_test, device_for, resolve_ok
 
 from embedcore.ops.contrastive import contrastive_loss
 from embedcore.ops.matryoshka import filtered_contrastive_loss, matryoshka_contrastive_loss
@@ -102,9 +102,10 @@ def _check(op, backend, dtype, q, p, grad_scale=1.0, min_gap=1e-4, **kw):
     want = torch.float64 if dtype == torch.float64 else torch.float32
     assert got[0].dtype == want and got[0].dim() == 0, f"loss {got[0].dtype} {tuple(got[0].shape)}"
     assert got[3].dtype == dtype and got[4].dtype == dtype
-    assert_close("loss", got[0], ref[0], ref_lowp[0])
-    assert_close("dq", got[3], ref[3], ref_lowp[3])
-    assert_close("dp", got[4], ref[4], ref_lowp[4])
+    # torch: got is ref_lowp, so it is held to the float64 loop by a fixed bound instead (tolerance.py)
+    assert_matches(backend, "loss", got[0], ref[0], ref_lowp[0])
+    assert_matches(backend, "dq", got[3], ref[3], ref_lowp[3])
+    assert_matches(backend, "dp", got[4], ref[4], ref_lowp[4])
     assert got[1].dtype == torch.int64 and torch.equal(got[1], ref[1]), f"ranks {got[1].tolist()} != {ref[1].tolist()}"
     assert got[2].dtype == torch.int64 and torch.equal(got[2], ref[2]), f"masked {got[2].tolist()} != {ref[2].tolist()}"
     return got, ref

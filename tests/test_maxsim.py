@@ -5,7 +5,7 @@ real tokens, ties in the max, explicit positives, id masking, bf16; and the inpu
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerance import assert_close, backends_to_test, device_for, resolve_ok
+from tolerance import assert_matches, backends_to_test, device_for, resolve_ok
 
 from embedcore.ops.maxsim import maxsim_contrastive_loss, maxsim_scores
 
@@ -94,9 +94,10 @@ def _check(backend, dtype, q, qm, p, pm, **kw):
     got = _run_op(backend, q, qm, p, pm, dtype, device_for(backend), **kw)
     want_loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert got[0].dtype == want_loss_dtype and got[0].dim() == 0
-    assert_close("loss", got[0], ref64[0].to(want_loss_dtype), ref_lowp[0])
-    assert_close("dq", got[2], ref64[2], ref_lowp[2])
-    assert_close("dp", got[3], ref64[3], ref_lowp[3])
+    # torch: got is ref_lowp, so it is held to the float64 loop by a fixed bound instead (tolerance.py)
+    assert_matches(backend, "loss", got[0], ref64[0].to(want_loss_dtype), ref_lowp[0])
+    assert_matches(backend, "dq", got[2], ref64[2], ref_lowp[2])
+    assert_matches(backend, "dp", got[3], ref64[3], ref_lowp[3])
     assert got[1].dtype == torch.int64 and torch.equal(got[1], ref64[1]), f"ranks {got[1].tolist()} != {ref64[1].tolist()}"
     return got
 

@@ -2,12 +2,12 @@
 from embedcore.backends import cpp_ops
 
 
-def contrastive_forward(q, p, positive_index, passage_ids, temperature):
+def forward(q, p, positive_index, passage_ids, temperature):
     """-> (lse [B], row_loss [B], ranks [B] int64); lse and row_loss in the accumulation dtype."""
     return tuple(cpp_ops().contrastive_forward(q, p, positive_index, passage_ids, 1.0 / temperature))
 
 
-def contrastive_backward(q, p, positive_index, passage_ids, lse, scale, temperature, need_q, need_p):
+def backward(q, p, positive_index, passage_ids, lse, scale, temperature, need_q, need_p):
     """-> (dq or None, dp or None); scale = g / (B * temperature) as a 0-dim tensor."""
     dq, dp = cpp_ops().contrastive_backward(
         q, p, positive_index, passage_ids, lse, float(scale), 1.0 / temperature, need_q, need_p

@@ -3,18 +3,18 @@ tensors, bool masks, int64 positive_index / passage_ids (see embedcore.ops.maxsi
 from embedcore.backends import cpp_ops
 
 
-def maxsim_scores(q_tok, q_mask, p_tok, p_mask):
+def scores(q_tok, q_mask, p_tok, p_mask):
     """-> S [B, P] in the accumulation dtype."""
     return cpp_ops().maxsim_scores(q_tok, q_mask, p_tok, p_mask)
 
 
-def maxsim_forward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids, temperature):
+def forward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids, temperature):
     """-> (lse [B], row_loss [B], ranks [B] int64); lse and row_loss in the accumulation dtype."""
     return tuple(cpp_ops().maxsim_forward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids,
                                           1.0 / temperature))
 
 
-def maxsim_backward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids, lse, scale, temperature, need_q, need_p):
+def backward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids, lse, scale, temperature, need_q, need_p):
     """-> (dq or None, dp or None) in the input dtype; scale = g / (B * temperature), a 0-dim tensor."""
     dq, dp = cpp_ops().maxsim_backward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids, lse, float(scale),
                                        1.0 / temperature, need_q, need_p)

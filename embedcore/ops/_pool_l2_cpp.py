@@ -2,11 +2,11 @@
 from embedcore.backends import cpp_ops
 
 
-def pool_forward(hidden, weights, normalize, eps):
+def forward(hidden, weights, normalize, eps):
     return tuple(cpp_ops().pool_l2_forward(hidden, weights, normalize, eps))
 
 
-def pool_backward(grad_out, weights, pooled, normalize, eps, shape, dtype):
+def backward(grad_out, weights, pooled, normalize, eps, shape, dtype):
     return cpp_ops().pool_l2_backward(grad_out, weights, pooled, normalize, eps, shape[1], dtype)
 
 

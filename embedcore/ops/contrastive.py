@@ -28,12 +28,19 @@ import torch
 
 from embedcore import backends
 
+# The C++ and Triton launch modules, one protocol: forward(q, p, positive_index, passage_ids,
+# temperature) -> (lse [B], row_loss [B], ranks [B]); backward(q, p, positive_index, passage_ids, lse,
+# scale, temperature, need_q, need_p) -> (dq or None, dp or None).
+IMPLEMENTATIONS = backends.Implementations(
+    op="contrastive_loss", cpp="embedcore.ops._contrastive_cpp", triton="embedcore.kernels.contrastive")
 
-def default_positive_index(B: int, P: int, device=None) -> torch.Tensor:
-    """Query i's positive is passage i * (P // B): the "1 positive + n-1 hard negatives" layout."""
+
+def default_positive_index(B: int, P: int, device=None, op: str = "contrastive_loss") -> torch.Tensor:
+    """Query i's positive is passage i * (P // B): the "1 positive + n-1 hard negatives" layout.
+    `op` names the calling op in the error (maxsim_contrastive_loss shares the layout)."""
     if B <= 0 or P % B != 0:
         raise ValueError(
-            f"contrastive_loss: with the default layout (positive_index=None) P must be a positive multiple "
+            f"{op}: with the default layout (positive_index=None) P must be a positive multiple "
             f"of B (1 positive + n-1 hard negatives per query), got B={B}, P={P}; pass positive_index for other layouts"
         )
     return torch.arange(B, device=device, dtype=torch.int64) * (P // B)
@@ -77,20 +84,20 @@ def _host_reads_are_free(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _check_positive_range(positive_index: torch.Tensor, P: int) -> None:
+def check_positive_range(positive_index: torch.Tensor, P: int, op: str = "contrastive_loss") -> None:
     """0 <= positive_index < P. On CPU a ValueError naming the bad value. Elsewhere (CUDA) a
     device-side assert: reading min/max back would make every micro-step of a multi-rank training
     run (which passes an explicit layout) wait for the GPU; a bad index stops the CUDA context with
-    this message at the next synchronisation, before any result is read."""
+    this message at the next synchronisation, before any result is read. `op` names the caller."""
     if _host_reads_are_free(positive_index.device):
         lo, hi = int(positive_index.min()), int(positive_index.max())
         if lo < 0 or hi >= P:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"contrastive_loss: positive_index holds {bad}, out of range for P={P} passages "
+            raise ValueError(f"{op}: positive_index holds {bad}, out of range for P={P} passages "
                              f"(expected 0 <= index < {P})")
         return
     in_range = ((positive_index >= 0) & (positive_index < P)).all()
-    torch._assert_async(in_range, f"contrastive_loss: positive_index out of range for P={P} passages "
+    torch._assert_async(in_range, f"{op}: positive_index out of range for P={P} passages "
                                   f"(expected 0 <= index < {P})")
 
 
@@ -123,7 +130,7 @@ def _check(q, p, temperature, positive_index, passage_ids):
             raise ValueError(f"contrastive_loss: positive_index must be of an integer dtype (int64), got {positive_index.dtype}")
         if positive_index.device != q.device:
             raise ValueError(f"contrastive_loss: positive_index is on {positive_index.device}, q on {q.device}")
-        _check_positive_range(positive_index, P)
+        check_positive_range(positive_index, P)
     if passage_ids is not None:
         if not isinstance(passage_ids, torch.Tensor) or tuple(passage_ids.shape) != (P,):
             raise ValueError(f"contrastive_loss: passage_ids must be a [P] = [{P}] tensor (one id per passage), got shape {_shape(passage_ids)}")
@@ -139,23 +146,21 @@ class ContrastiveLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, p, positive_index, passage_ids, temperature, backend):
-        impl = backends.launch_helpers("contrastive", backend)
-        lse, row_loss, ranks = impl.contrastive_forward(q, p, positive_index, passage_ids, temperature)
+        ctx.launch, ctx.temperature = IMPLEMENTATIONS.launch(backend), temperature
+        lse, row_loss, ranks = ctx.launch.forward(q, p, positive_index, passage_ids, temperature)
         ctx.save_for_backward(q, p, positive_index, passage_ids, lse)
-        ctx.meta = (impl, temperature)
         ctx.mark_non_differentiable(ranks)
         return row_loss.mean(), ranks
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ranks):
         q, p, positive_index, passage_ids, lse = ctx.saved_tensors
-        impl, temperature = ctx.meta
         need_q, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_q or need_p):
             return None, None, None, None, None, None
         # dS carries g / (B * temperature); g stays a 0-dim tensor (no host sync).
-        scale = grad_loss.to(backends.accumulation_dtype(q.dtype)) / (q.shape[0] * temperature)
-        dq, dp = impl.contrastive_backward(q, p, positive_index, passage_ids, lse, scale, temperature, need_q, need_p)
+        scale = grad_loss.to(backends.accumulation_dtype(q.dtype)) / (q.shape[0] * ctx.temperature)
+        dq, dp = ctx.launch.backward(q, p, positive_index, passage_ids, lse, scale, ctx.temperature, need_q, need_p)
         return dq, dp, None, None, None, None
 
 

@@ -7,15 +7,9 @@ scaling = alpha / r, x [..., in] with any number of leading dims. Dropout acts o
 only (PEFT semantics).
 
 Dropout mask: counter based, so every backend regenerates the same mask from (seed, element
-index) instead of storing it. For the flattened x [M, K] the element (m, k) has index
-i = m * K + k (must be < 2^32) and is kept when
-
-    (hash32(seed, i) >> 8) >= round(p * 2^24)           (a 24-bit uniform draw vs the threshold)
-
-hash32 = two rounds of a 32-bit integer mixer (`mix32`, constants from the hash prospector, both
-below 2^31 so the torch version stays exact in int64) keyed by two keys derived from the seed;
-see `dropout_keys` and `keep_mask`. The kept values are scaled by 1 / (1 - p). Backends apply
-the mask as a plain zeroing and fold 1 / (1 - p) into the scaling, which is exact in any dtype:
+index) instead of storing it; the hash lives in embedcore/ops/dropout_hash.py (see `keep_mask`).
+The kept values are scaled by 1 / (1 - p). Backends apply the mask as a plain zeroing and fold
+1 / (1 - p) into the scaling, which is exact in any dtype:
 
     s' = scaling / (1 - p),  xa = (mask * x) A^T  [M, r]
     y  = x W^T + b + s' xa B^T
@@ -29,42 +23,13 @@ from __future__ import annotations
 import torch
 
 from embedcore import backends
+from embedcore.ops.dropout_hash import MAX_DROPOUT_ELEMENTS, keep_mask
 
-MASK32 = 0xFFFFFFFF
-MIX_C1 = 0x21F0AAAD
-MIX_C2 = 0x735A2D97
-KEY_SALT = 0x5BD1E995
-MAX_DROPOUT_ELEMENTS = 2**32
-
-
-def mix32(h):
-    """32-bit integer mixer on ints or int64 tensors holding values in [0, 2^32)."""
-    h = h ^ (h >> 16)
-    h = (h * MIX_C1) & MASK32
-    h = h ^ (h >> 15)
-    h = (h * MIX_C2) & MASK32
-    return h ^ (h >> 15)
-
-
-def dropout_keys(seed: int) -> tuple[int, int]:
-    """The two per-call keys of the mask hash, derived from the seed (plain Python ints)."""
-    s = int(seed) & MASK32
-    return mix32(s), mix32(s ^ KEY_SALT)
-
-
-def dropout_threshold(p: float) -> int:
-    """An element is kept when its 24-bit draw is >= this threshold."""
-    return int(round(p * (1 << 24)))
-
-
-def keep_mask(seed: int, p: float, rows: int, cols: int, device=None) -> torch.Tensor:
-    """The dropout keep-mask (bool [rows, cols]) every backend uses for x flattened to [rows, cols]."""
-    if rows * cols > MAX_DROPOUT_ELEMENTS:
-        raise ValueError(f"lora_linear: dropout supports at most 2^32 input elements per call, got {rows * cols}")
-    k1, k2 = dropout_keys(seed)
-    idx = torch.arange(rows * cols, device=device, dtype=torch.int64).view(rows, cols)
-    h = mix32(mix32(idx ^ k1) ^ k2)
-    return (h >> 8) >= dropout_threshold(p)
+# The C++ and Triton launch modules, one protocol: forward(x2d, weight, bias, lora_a, lora_b, s_eff,
+# dropout_p, seed) -> (out, xa or None); backward(grad_out, x2d, weight, lora_a, lora_b, xa, s_eff,
+# dropout_p, seed, need_dx) -> (dx or None, dA, dB).
+IMPLEMENTATIONS = backends.Implementations(
+    op="lora_linear", cpp="embedcore.ops._lora_linear_cpp", triton="embedcore.kernels.lora_linear")
 
 
 def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, seed=None):
@@ -133,19 +98,19 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
-        impl = backends.launch_helpers("lora_linear", backend)
-        s_eff = scaling / (1.0 - dropout_p)
-        out, xa = impl.forward(x2d, weight, bias, lora_a, lora_b, s_eff, dropout_p, seed)
+        ctx.launch = IMPLEMENTATIONS.launch(backend)
+        ctx.s_eff = scaling / (1.0 - dropout_p)
+        ctx.dropout_p, ctx.seed = dropout_p, seed
+        out, xa = ctx.launch.forward(x2d, weight, bias, lora_a, lora_b, ctx.s_eff, dropout_p, seed)
         ctx.save_for_backward(x2d, weight, lora_a, lora_b, xa)
-        ctx.meta = (impl, s_eff, dropout_p, seed)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x2d, weight, lora_a, lora_b, xa = ctx.saved_tensors
-        impl, s_eff, dropout_p, seed = ctx.meta
         need_dx = ctx.needs_input_grad[0]
-        dx, da, db = impl.backward(grad_out.contiguous(), x2d, weight, lora_a, lora_b, xa, s_eff, dropout_p, seed, need_dx)
+        dx, da, db = ctx.launch.backward(grad_out.contiguous(), x2d, weight, lora_a, lora_b, xa, ctx.s_eff,
+                                         ctx.dropout_p, ctx.seed, need_dx)
         return dx, None, None, da, db, None, None, None, None
 
 

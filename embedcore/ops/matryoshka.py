@@ -108,8 +108,12 @@ def matryoshka_contrastive_loss_reference(q, p, temperature, dims, weights, posi
     excl = excluded_mask(pos, ids, P)
     loss = torch.zeros((), dtype=acc, device=q.device)
     ranks, masked = [], []
+    # Cast once, then slice: the K prefixes' gradients then add up in the accumulation dtype and are
+    # rounded to q's dtype once (sliced before the cast, each prefix's share was rounded to bf16 before
+    # the sum, and shares that largely cancel lost their digits).
+    qa, pa = q.to(acc), p.to(acc)
     for w, d in zip(weights, dims):
-        cos = F.normalize(q[:, :d].to(acc), dim=-1, eps=EPS) @ F.normalize(p[:, :d].to(acc), dim=-1, eps=EPS).T
+        cos = F.normalize(qa[:, :d], dim=-1, eps=EPS) @ F.normalize(pa[:, :d], dim=-1, eps=EPS).T
         fn = (cos.detach() > filter_threshold(cos.detach()[rows, pos], margin, delta)[:, None]) & ~excl
         fn[rows, pos] = False
         s = (cos / temperature).masked_fill(excl | fn, float("-inf"))

@@ -42,19 +42,18 @@ import math
 import torch
 
 from embedcore import backends
-from embedcore.ops.contrastive import excluded_mask
+from embedcore.ops.contrastive import check_positive_range, default_positive_index, excluded_mask
 
 OP = "maxsim_contrastive_loss"
 
-
-def default_positive_index(B: int, P: int, device=None) -> torch.Tensor:
-    """Query b's positive is passage b * (P // B): the "1 positive + n-1 hard negatives" layout."""
-    if B <= 0 or P % B != 0:
-        raise ValueError(
-            f"{OP}: with the default layout (positive_index=None) P must be a positive multiple of B "
-            f"(1 positive + n-1 hard negatives per query), got B={B}, P={P}; pass positive_index for other layouts"
-        )
-    return torch.arange(B, device=device, dtype=torch.int64) * (P // B)
+# The C++ and Triton launch modules, one protocol (contiguous tokens, bool masks, int64 layout):
+# forward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids, temperature) -> (lse [B],
+# row_loss [B], ranks [B]); backward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids, lse,
+# scale, temperature, need_q, need_p) -> (dq or None, dp or None); scores(q_tok, q_mask, p_tok,
+# p_mask) -> S [B, P] (maxsim_scores).
+IMPLEMENTATIONS = backends.Implementations(
+    op=OP, cpp="embedcore.ops._maxsim_cpp", triton="embedcore.kernels.maxsim",
+    protocol=("forward", "backward", "scores"))
 
 
 def maxsim_scores_reference(q_tok, q_mask, p_tok, p_mask):
@@ -77,7 +76,7 @@ def maxsim_contrastive_loss_reference(q_tok, q_mask, p_tok, p_mask, temperature,
     log-sum-exp over the masked [B, P] scores."""
     _check(q_tok, q_mask, p_tok, p_mask, temperature, positive_index, passage_ids)
     B, P = q_tok.shape[0], p_tok.shape[0]
-    pos = default_positive_index(B, P, q_tok.device) if positive_index is None else positive_index.to(torch.int64)
+    pos = default_positive_index(B, P, q_tok.device, OP) if positive_index is None else positive_index.to(torch.int64)
     ids = None if passage_ids is None else passage_ids.to(torch.int64)
     s = maxsim_scores_reference(q_tok, q_mask, p_tok, p_mask) / temperature
     s = s.masked_fill(excluded_mask(pos, ids, P), float("-inf"))
@@ -124,19 +123,6 @@ def _check_tokens(q_tok, q_mask, p_tok, p_mask, op=OP):
         raise ValueError(f"{op}: q_tok and p_tok have D = 0")
 
 
-def _check_positive_range(positive_index: torch.Tensor, P: int) -> None:
-    """0 <= positive_index < P: a ValueError on CPU, a device-side assert elsewhere (no host sync;
-    the same rule as contrastive_loss)."""
-    if positive_index.device.type == "cpu":
-        lo, hi = int(positive_index.min()), int(positive_index.max())
-        if lo < 0 or hi >= P:
-            raise ValueError(f"{OP}: positive_index holds {lo if lo < 0 else hi}, out of range for P={P} passages "
-                             f"(expected 0 <= index < {P})")
-        return
-    torch._assert_async(((positive_index >= 0) & (positive_index < P)).all(),
-                        f"{OP}: positive_index out of range for P={P} passages (expected 0 <= index < {P})")
-
-
 def _check_index(name, t, n, dims, device):
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,):
         raise ValueError(f"{OP}: {name} must be a {dims} = [{n}] tensor, got shape {_shape(t)}")
@@ -154,10 +140,10 @@ def _check(q_tok, q_mask, p_tok, p_mask, temperature, positive_index, passage_id
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"{OP}: temperature must be a finite number > 0, got {temperature!r}")
     if positive_index is None:
-        default_positive_index(B, P)  # raises when P is not a multiple of B
+        default_positive_index(B, P, op=OP)  # raises when P is not a multiple of B
     else:
         _check_index("positive_index", positive_index, B, "[B]", q_tok.device)
-        _check_positive_range(positive_index, P)
+        check_positive_range(positive_index, P, OP)
     if passage_ids is not None:
         _check_index("passage_ids", passage_ids, P, "[P] (one id per passage)", q_tok.device)
 
@@ -179,24 +165,22 @@ class MaxSimContrastiveLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids, temperature, backend):
-        impl = backends.launch_helpers("maxsim", backend)
-        lse, row_loss, ranks = impl.maxsim_forward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids,
-                                                   temperature)
+        ctx.launch, ctx.temperature = IMPLEMENTATIONS.launch(backend), temperature
+        lse, row_loss, ranks = ctx.launch.forward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids,
+                                                  temperature)
         ctx.save_for_backward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids, lse)
-        ctx.meta = (impl, temperature)
         ctx.mark_non_differentiable(ranks)
         return row_loss.mean(), ranks
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ranks):
         q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids, lse = ctx.saved_tensors
-        impl, temperature = ctx.meta
         need_q, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         if not (need_q or need_p):
             return (None,) * 8
-        scale = grad_loss.to(backends.accumulation_dtype(q_tok.dtype)) / (q_tok.shape[0] * temperature)  # 0-dim: no host sync
-        dq, dp = impl.maxsim_backward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids, lse, scale,
-                                      temperature, need_q, need_p)
+        scale = grad_loss.to(backends.accumulation_dtype(q_tok.dtype)) / (q_tok.shape[0] * ctx.temperature)  # 0-dim: no host sync
+        dq, dp = ctx.launch.backward(q_tok, q_mask, p_tok, p_mask, positive_index, passage_ids, lse, scale,
+                                     ctx.temperature, need_q, need_p)
         return dq, None, dp, None, None, None, None, None
 
 
@@ -221,7 +205,7 @@ def maxsim_contrastive_loss(q_tok, q_mask, p_tok, p_mask, temperature, positive_
                                                  passage_ids, return_ranks)
     B, P = q_tok.shape[0], p_tok.shape[0]
     q, qm, p, pm = _kernel_inputs(q_tok, q_mask, p_tok, p_mask)
-    pos = default_positive_index(B, P, q.device) if positive_index is None else positive_index.to(torch.int64).contiguous()
+    pos = default_positive_index(B, P, q.device, OP) if positive_index is None else positive_index.to(torch.int64).contiguous()
     ids = None if passage_ids is None else passage_ids.to(torch.int64).contiguous()
     loss, ranks = MaxSimContrastiveLossFunction.apply(q, qm, p, pm, pos, ids, float(temperature), name)
     # The kernels' masked max skips non-finite values; the reference's would carry them into the loss.
@@ -244,7 +228,7 @@ def maxsim_scores(q_tok, q_mask, p_tok, p_mask, backend=None, passage_block: int
                                                       p_mask[j:j + passage_block])
                               for j in range(0, p_tok.shape[0], passage_block)], dim=1)
         q, qm, p, pm = _kernel_inputs(q_tok, q_mask, p_tok, p_mask)
-        s = backends.launch_helpers("maxsim", name).maxsim_scores(q, qm, p, pm)
+        s = IMPLEMENTATIONS.launch(name).scores(q, qm, p, pm)
         # As the reference: a non-finite real token makes its pairs NaN (where the other side has tokens).
         q_bad, p_bad = _nonfinite_real_tokens(q, qm), _nonfinite_real_tokens(p, pm)
         bad = (q_bad[:, None] & pm.any(1)[None, :]) | (p_bad[None, :] & qm.any(1)[:, None])

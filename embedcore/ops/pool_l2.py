@@ -22,6 +22,14 @@ from embedcore import backends
 
 MODES = ("avg", "weighted_avg", "cls", "last", "colbert")
 
+# The C++ and Triton launch modules, one protocol. Pooled modes: forward(hidden, weights, normalize,
+# eps) -> (out, pre-norm pooled [B, D]); backward(grad_out, weights, pooled, normalize, eps, shape,
+# dtype) -> d hidden. colbert: colbert_forward(hidden, token_mask, normalize, eps) -> out;
+# colbert_backward(grad_out, hidden, token_mask, normalize, eps) -> d hidden.
+IMPLEMENTATIONS = backends.Implementations(
+    op="pool_l2", cpp="embedcore.ops._pool_l2_cpp", triton="embedcore.kernels.pool_l2",
+    protocol=("forward", "backward", "colbert_forward", "colbert_backward"))
+
 
 def pooling_weights(attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
     """[B, S] weights (fp32) whose weighted sum over the sequence is the pooled vector."""
@@ -88,25 +96,26 @@ class PoolL2Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weights, normalize, eps, colbert, backend):
-        impl = backends.launch_helpers("pool_l2", backend)
-        ctx.meta = (impl, normalize, eps, colbert, hidden.shape, hidden.dtype)
+        ctx.launch = IMPLEMENTATIONS.launch(backend)
+        ctx.normalize, ctx.eps, ctx.colbert = normalize, eps, colbert
+        ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
         if colbert:
             ctx.save_for_backward(hidden, weights)
-            return impl.colbert_forward(hidden, weights, normalize, eps)
-        out, pooled = impl.pool_forward(hidden, weights, normalize, eps)
+            return ctx.launch.colbert_forward(hidden, weights, normalize, eps)
+        out, pooled = ctx.launch.forward(hidden, weights, normalize, eps)
         ctx.save_for_backward(weights, pooled)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        impl, normalize, eps, colbert, shape, dtype = ctx.meta
         grad_out = grad_out.contiguous()
-        if colbert:
+        if ctx.colbert:
             hidden, token_mask = ctx.saved_tensors
-            grad = impl.colbert_backward(grad_out, hidden, token_mask, normalize, eps)
+            grad = ctx.launch.colbert_backward(grad_out, hidden, token_mask, ctx.normalize, ctx.eps)
         else:
             weights, pooled = ctx.saved_tensors
-            grad = impl.pool_backward(grad_out, weights, pooled, normalize, eps, shape, dtype)
+            grad = ctx.launch.backward(grad_out, weights, pooled, ctx.normalize, ctx.eps, ctx.hidden_shape,
+                                       ctx.hidden_dtype)
         return grad, None, None, None, None, None
 
 

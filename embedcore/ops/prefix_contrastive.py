@@ -40,6 +40,14 @@ import torch
 
 from embedcore import backends
 
+# The C++ and Triton launch modules, one protocol: forward(q, p, alpha, beta, positive_index,
+# passage_ids, dims, margin, delta) -> (lse, s_pos, ranks, masked), each [B, K]; backward(q, p, alpha,
+# beta, positive_index, passage_ids, lse, s_pos, coef, dims, margin, delta, need_q, need_p,
+# need_alpha, need_beta, acc_grads=False) -> (dq, dp, sum_j dS s [B, K], sum_i dS s [P, K]).
+IMPLEMENTATIONS = backends.Implementations(
+    op="prefix_contrastive", cpp="embedcore.ops._prefix_contrastive_cpp",
+    triton="embedcore.kernels.prefix_contrastive")
+
 
 def filter_threshold(s_pos: torch.Tensor, margin: float | None, delta: float | None) -> torch.Tensor:
     """thr = min(margin * s_pos, s_pos - delta) (each term only when given; +inf when neither)."""
@@ -106,32 +114,39 @@ def check_filter(margin, delta, where: str) -> None:
                          f"got {delta!r}")
 
 
+def _engine_forward(ctx, backend, q, p, alpha, beta, positive_index, passage_ids, dims, weights, margin, delta):
+    """The forward both autograd Functions share: the engine's pass, the weighted loss, and the
+    launch module and settings kept on ctx by name for backward. -> (loss, ranks, masked, lse, s_pos, w)."""
+    ctx.launch = IMPLEMENTATIONS.launch(backend)
+    ctx.dims, ctx.margin, ctx.delta = dims, margin, delta
+    lse, s_pos, ranks, masked = ctx.launch.forward(q, p, alpha, beta, positive_index, passage_ids, dims, margin,
+                                                   delta)
+    w = torch.tensor(weights, dtype=lse.dtype).to(lse.device, non_blocking=True)
+    loss = ((lse - s_pos).mean(0) * w).sum()
+    ctx.mark_non_differentiable(ranks, masked)
+    return loss, ranks, masked, lse, s_pos, w
+
+
 class PrefixContrastiveFunction(torch.autograd.Function):
     """forward(q, p, alpha, beta, positive_index, passage_ids, dims, weights, margin, delta, backend)
     -> (loss, ranks [B, K], masked [B, K]); margin / delta in score units (None: off)."""
 
     @staticmethod
     def forward(ctx, q, p, alpha, beta, positive_index, passage_ids, dims, weights, margin, delta, backend):
-        impl = backends.launch_helpers("prefix_contrastive", backend)
-        lse, s_pos, ranks, masked = impl.prefix_forward(q, p, alpha, beta, positive_index, passage_ids, dims,
-                                                        margin, delta)
-        w = torch.tensor(weights, dtype=lse.dtype).to(lse.device, non_blocking=True)
-        loss = ((lse - s_pos).mean(0) * w).sum()
+        loss, ranks, masked, lse, s_pos, w = _engine_forward(ctx, backend, q, p, alpha, beta, positive_index,
+                                                             passage_ids, dims, weights, margin, delta)
         ctx.save_for_backward(q, p, alpha, beta, positive_index, passage_ids, lse, s_pos, w)
-        ctx.meta = (impl, dims, margin, delta)
-        ctx.mark_non_differentiable(ranks, masked)
         return loss, ranks, masked
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ranks, _grad_masked):
         q, p, alpha, beta, pos, ids, lse, s_pos, w = ctx.saved_tensors
-        impl, dims, margin, delta = ctx.meta
         need = ctx.needs_input_grad[:4]
         if not any(need):
             return (None,) * 11
         coef = (grad_loss.to(lse.dtype) / q.shape[0]) * w  # [K] on the device: no host sync
-        dq, dp, row_sds, col_sds = impl.prefix_backward(q, p, alpha, beta, pos, ids, lse, s_pos, coef, dims,
-                                                        margin, delta, *need)
+        dq, dp, row_sds, col_sds = ctx.launch.backward(q, p, alpha, beta, pos, ids, lse, s_pos, coef, ctx.dims,
+                                                       ctx.margin, ctx.delta, *need)
         dalpha = row_sds / alpha if need[2] else None
         dbeta = col_sds / beta if need[3] else None
         return dq, dp, dalpha, dbeta, None, None, None, None, None, None, None
@@ -170,33 +185,29 @@ class NormalizedPrefixContrastiveFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, p, temperature, positive_index, passage_ids, dims, weights, margin, delta, eps, backend):
-        impl = backends.launch_helpers("prefix_contrastive", backend)
         nq, np_ = prefix_norms(q, dims), prefix_norms(p, dims)
         alpha = 1.0 / (temperature * nq.clamp_min(eps))
         beta = 1.0 / np_.clamp_min(eps)
-        lse, s_pos, ranks, masked = impl.prefix_forward(q, p, alpha, beta, positive_index, passage_ids, dims,
-                                                        margin, delta)
-        w = torch.tensor(weights, dtype=lse.dtype).to(lse.device, non_blocking=True)
-        loss = ((lse - s_pos).mean(0) * w).sum()
+        loss, ranks, masked, lse, s_pos, w = _engine_forward(ctx, backend, q, p, alpha, beta, positive_index,
+                                                             passage_ids, dims, weights, margin, delta)
+        ctx.eps = eps
         ctx.save_for_backward(q, p, alpha, beta, nq, np_, positive_index, passage_ids, lse, s_pos, w)
-        ctx.meta = (impl, dims, margin, delta, eps)
-        ctx.mark_non_differentiable(ranks, masked)
         return loss, ranks, masked
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ranks, _grad_masked):
         q, p, alpha, beta, nq, np_, pos, ids, lse, s_pos, w = ctx.saved_tensors
-        impl, dims, margin, delta, eps = ctx.meta
         need_q, need_p = ctx.needs_input_grad[:2]
         if not (need_q or need_p):
             return (None,) * 11
         coef = (grad_loss.to(lse.dtype) / q.shape[0]) * w
-        dq, dp, row_sds, col_sds = impl.prefix_backward(q, p, alpha, beta, pos, ids, lse, s_pos, coef, dims, margin,
-                                                        delta, need_q, need_p, need_q, need_p, acc_grads=True)
+        dq, dp, row_sds, col_sds = ctx.launch.backward(q, p, alpha, beta, pos, ids, lse, s_pos, coef, ctx.dims,
+                                                       ctx.margin, ctx.delta, need_q, need_p, need_q, need_p,
+                                                       acc_grads=True)
         if need_q:
-            dq = _through_norms(dq, q, row_sds, nq, dims, eps).to(q.dtype)
+            dq = _through_norms(dq, q, row_sds, nq, ctx.dims, ctx.eps).to(q.dtype)
         if need_p:
-            dp = _through_norms(dp, p, col_sds, np_, dims, eps).to(p.dtype)
+            dp = _through_norms(dp, p, col_sds, np_, ctx.dims, ctx.eps).to(p.dtype)
         return dq, dp, None, None, None, None, None, None, None, None, None
 
 
