@@ -189,7 +189,8 @@ def rank_task(model, task: RetrievalTask, k: int, *, batch_size: int = 128, max_
 def evaluate_model(model_dir, data: str, split: str = "test", *, metrics: Sequence[str] = DEFAULT_METRICS,
                    batch_size: int = 128, max_length: int | None = None, query_prefix: str | None = None,
                    passage_prefix: str | None = None, dtype: str = "float32", corpus_block: int = 16384,
-                   progress: bool | None = None, model=None, use_instructions: bool = False) -> dict:
+                   progress: bool | None = None, model=None, use_instructions: bool = False,
+                   dim: int | None = None) -> dict:
     """Full-corpus retrieval metrics of a model folder on `data` (see the module docstring).
 
     Prefixes, per corpus: embedcore.retrieval.model's rule (explicit prefixes, else the model's
@@ -198,7 +199,9 @@ def evaluate_model(model_dir, data: str, split: str = "test", *, metrics: Sequen
 
     Call it on every rank when a process group is running (the trainer at the end of training);
     every rank returns the same dict: the metrics, num_queries, num_corpus, model, data, split,
-    seconds. `model` may be an already loaded RetrievalModel (then model_dir is only recorded).
+    seconds (and dim when given). `model` may be an already loaded RetrievalModel (then model_dir is
+    only recorded). dim: evaluate the first `dim` dimensions of the embeddings, re-normalised (a
+    Matryoshka prefix; the export's embedcore_biencoder.json lists the trained ones).
     """
     from embedcore.retrieval.model import RetrievalModel
 
@@ -209,6 +212,7 @@ def evaluate_model(model_dir, data: str, split: str = "test", *, metrics: Sequen
     if model is None:
         model = RetrievalModel.load(model_dir, dtype=dtype, query_prefix=query_prefix,
                                     passage_prefix=passage_prefix, key="--model")
+    model.set_dim(dim, "--dim")
     k = max(_parse(m)[1] for m in metrics)
     rankings, qrels = {}, {}
     for task in tasks:
@@ -220,7 +224,7 @@ def evaluate_model(model_dir, data: str, split: str = "test", *, metrics: Sequen
         qrels.update({prefix + q: r for q, r in task.qrels.items()})
     result = compute_metrics(rankings, qrels, metrics)
     result.update(num_corpus=sum(len(t.docs) for t in tasks), model=str(model_dir), data=str(data), split=split,
-                  seconds=round(time.perf_counter() - t0, 3))
+                  seconds=round(time.perf_counter() - t0, 3), **({"dim": dim} if dim is not None else {}))
     return result
 
 
@@ -245,6 +249,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                    help="apply each corpus's query/passage instruction (merlin_metadata.json) as in training")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated KIND@K list")
+    p.add_argument("--dim", type=int, default=None,
+                   help="evaluate a prefix of the embedding (a Matryoshka dimension), re-normalised")
     args = p.parse_args(argv)
     for flag in ("batch_size", "max_length"):
         value = getattr(args, flag)
@@ -273,7 +279,7 @@ def _run(argv: list[str]) -> int:
         result = evaluate_model(args.model, args.data, args.split, metrics=args.metrics, batch_size=args.batch_size,
                                 max_length=args.max_length, query_prefix=args.query_prefix,
                                 passage_prefix=args.passage_prefix, dtype=args.dtype,
-                                use_instructions=args.use_instructions)
+                                use_instructions=args.use_instructions, dim=args.dim)
         if info.is_main:
             write_json(args.output, result)
             print(format_metrics(result, args.metrics))

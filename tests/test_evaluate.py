@@ -17,12 +17,14 @@ pytestmark = pytest.mark.slow
 KEYS = ["ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100"]
 
 
-def test_beir_matches_sentence_transformers(tmp_path, minilm_path):
+@pytest.mark.parametrize("dim", [None, 24])
+def test_beir_matches_sentence_transformers(tmp_path, minilm_path, dim):
+    """dim: a prefix of the embedding (--dim), against sentence-transformers' truncate_dim."""
     st = importlib.import_module("sentence_transformers")  # a dev dependency: missing must fail, not skip
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
     folder = write_beir(str(tmp_path))
-    ours = evaluate_model(minilm_path, folder, "test", batch_size=5, corpus_block=7)
+    ours = evaluate_model(minilm_path, folder, "test", batch_size=5, corpus_block=7, dim=dim)
     assert ours["num_queries"] == len(QUERIES) and ours["num_corpus"] == len(DOCS)
 
     task = read_beir(folder, "test")
@@ -30,8 +32,11 @@ def test_beir_matches_sentence_transformers(tmp_path, minilm_path):
     evaluator = InformationRetrievalEvaluator(
         queries=dict(zip(task.query_ids, task.queries)), corpus=dict(zip(task.doc_ids, task.docs)),
         relevant_docs={q: {d for d, r in rel.items() if r > 0} for q, rel in task.qrels.items()},
-        precision_recall_at_k=[10, 100], write_csv=False)
+        precision_recall_at_k=[10, 100], write_csv=False, truncate_dim=dim)
     ref = evaluator(model)
+    if dim is not None:
+        full = evaluate_model(minilm_path, folder, "test", batch_size=5)
+        assert ours["dim"] == dim and ours["ndcg@10"] != full["ndcg@10"], "the prefix must change the ranking"
     for key in KEYS:
         assert ours[key] == pytest.approx(ref[f"cosine_{key}"], abs=1e-4), key
     # the task is not trivial: the metrics are not all perfect

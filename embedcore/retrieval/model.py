@@ -49,10 +49,22 @@ class RetrievalModel:
         self.device = torch.device(device)
         self.path = path
         self.embedding_dim = int(biencoder.query_encoder.config.hidden_size)
+        self.dim = None  # a prefix length to embed with (set_dim), None: the whole embedding
+
+    def set_dim(self, dim: int | None, key: str = "dim") -> None:
+        """Embed with the first `dim` dimensions only, re-normalised when the model normalises (a
+        Matryoshka prefix, as trained: see embedcore.ops.matryoshka). None: the whole embedding."""
+        if dim is not None and not 1 <= dim <= self.embedding_dim:
+            raise ConfigError(f"{key}: {dim} is not in [1, {self.embedding_dim}] (the model's embedding dimension)")
+        self.dim = dim
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, kind: str) -> torch.Tensor:
-        return self.biencoder.encode(input_ids, attention_mask, kind)
+        emb = self.biencoder.encode(input_ids, attention_mask, kind)
+        if self.dim is None:
+            return emb
+        emb = emb[..., :self.dim]
+        return torch.nn.functional.normalize(emb, dim=-1) if self.l2_normalize else emb
 
     def prefixes_for(self, dataset: str | None, instructions=(None, None), use_instructions: bool = False):
         """(query prefix, passage prefix) for one corpus by the rule of the module docstring.
