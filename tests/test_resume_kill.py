@@ -7,6 +7,8 @@ itself deterministically at a chosen point, with no sleeps or timing:
 
 - after_save k: wraps the save_checkpoint the Checkpointer calls; right after the checkpoint of step k
   is complete (renamed, LATEST updated) the process SIGKILLs itself;
+- mid_cached_step k: with cached (GradCache) encoding, dies after the first of the two
+  micro-batches of step k (its chunks encoded twice, gradients accumulated, no optimizer step);
 - mid_save k: wraps checkpoint.save_file; when the save of step k is about to write its
   optimizer file (its RNG and model files already written under .tmp_step_k) the process
   SIGKILLs itself: the step folder must not look complete and LATEST must still point at the
@@ -63,6 +65,18 @@ elif mode == "mid_save":
         return real_file(tensors, path, *args, **kwargs)
 
     checkpoint.save_file = write_then_die
+elif mode == "mid_cached_step":
+    real_step, calls = loop.cached_step, []
+
+    def cached_then_die(*args, **kwargs):  # 2 micro-batches per step: die between those of kill_step
+        out = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2 * (kill_step - 1) + 1:
+            print("KILLING in the middle of cached step", kill_step, flush=True)
+            die()
+        return out
+
+    loop.cached_step = cached_then_die
 elif mode != "none":
     raise SystemExit(f"unknown mode {mode}")
 
@@ -84,8 +98,11 @@ def setup(tmp_path_factory):
     return root, model, train, driver, full
 
 
-def _config(root, model, train, name, restore=False) -> dict:
+def _config(root, model, train, name, restore=False, cached=False) -> dict:
     data = base_config(model, train, None, str(root / name), num_epochs=2, ckpt_every_steps=2)
+    if cached:  # chunks of 3 of 2 queries / 6 passages; LoRA dropout: the RNG replay must survive the resume
+        data["train"] = {"grad_cache": {"chunk_size": 3}}
+        data["peft"] = {"target_modules": ["q_proj", "v_proj"], "dim": 4, "alpha": 8, "dropout": 0.2}
     # warmup + cosine: the learning rate differs per step, so a resume at the wrong step shows
     data["lr_scheduler"] = {"lr_warmup_steps": 2, "lr_decay_style": "cosine", "min_lr": 1e-4}
     data["model"]["share_encoder"] = False  # both encoders and their optimizer state go through the checkpoint
@@ -213,3 +230,21 @@ def test_two_datasets_sigkill_mid_epoch_then_resume_matches_uninterrupted(setup_
     proc = subprocess.run([sys.executable, str(driver), str(path), "none", "0"], cwd=str(root),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "weights=[2.0, 1.0]" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_sigkill_in_the_middle_of_a_cached_step_then_resume_matches_uninterrupted(setup):
+    root, model, train, driver, _ = setup
+    full = _run(root, driver, _config(root, model, train, "cached_full", cached=True), "none")
+    folder = root / "cached"
+    _run(root, driver, _config(root, model, train, "cached", cached=True), "mid_cached_step", kill_step=5,
+         killed=True)
+    assert open(folder / "LATEST").read().strip() == "step_4" and _logged_steps(folder) == [1, 2, 3, 4]
+    resumed = _run(root, driver, _config(root, model, train, "cached", restore=True, cached=True), "none")
+    assert resumed["step"] == 6
+    want, got = _weights(full["checkpoint"]), _weights(resumed["checkpoint"])
+    assert want.keys() == got.keys() and all("lora_" in k for k in want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+    killed_at = _weights(folder / "step_4")
+    assert any(not torch.equal(killed_at[k], want[k]) for k in want)
