@@ -13,7 +13,7 @@ Few rounds: the big CPU case takes seconds per call on 2 cores.
 import pytest
 import torch
 
-from memory import cpu_peak_growth_mib, cuda_peak_growth_mib
+from memory import run_case
 
 SHAPES = {"B1024-P16384-D256": (1024, 16384, 256), "B4096-P65536-D128": (4096, 65536, 128)}
 CUDA = torch.cuda.is_available()
@@ -54,22 +54,8 @@ def test_contrastive_fwd_bwd(benchmark, shape, dtype, backend, device):
     B, P, D = SHAPES[shape]
     fmt = dict(B=B, P=P, D=D, dtype=dtype, device=device, backend=backend)
     setup, run = SETUP.format(**fmt), RUN.format(**fmt)
-    scope = {}
-    exec(setup, scope)
-    code = compile(run, "bench", "exec")
-
-    def step():
-        exec(code, scope)
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    step()
     benchmark.group = f"contrastive fwd+bwd {shape} {dtype} {device}"
     benchmark.extra_info["backend"] = backend
     benchmark.extra_info["gradients_mib"] = (B + P) * D * torch.finfo(getattr(torch, dtype)).bits / 8 / 2**20
-    if device == "cuda":
-        benchmark.extra_info["peak_mib"] = cuda_peak_growth_mib(step)
-    else:
-        benchmark.extra_info["peak_mib"] = cpu_peak_growth_mib(setup, run, warmup=False)  # SETUP warms up on tiny inputs
-    benchmark.pedantic(step, rounds=3, warmup_rounds=0)
+    run_case(benchmark, setup, run, device)
     benchmark.extra_info["gflops"] = 8 * B * P * D / benchmark.stats.stats.median / 1e9

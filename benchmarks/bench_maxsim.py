@@ -18,7 +18,7 @@ Few rounds: the reference takes seconds per call on 2 cores.
 import pytest
 import torch
 
-from memory import cpu_peak_growth_mib, cuda_peak_growth_mib
+from memory import run_case
 
 SHAPES = {"B64-Lq32-P512-Lp256-D128": (64, 32, 512, 256, 128)}
 CUDA = torch.cuda.is_available()
@@ -63,21 +63,7 @@ def test_maxsim_fwd_bwd(benchmark, shape, dtype, backend, device):
     B, Lq, P, Lp, D = SHAPES[shape]
     fmt = dict(B=B, Lq=Lq, P=P, Lp=Lp, D=D, dtype=dtype, device=device, backend=backend)
     setup, run = SETUP.format(**fmt), RUN.format(**fmt)
-    scope = {}
-    exec(setup, scope)
-    code = compile(run, "bench", "exec")
-
-    def step():
-        exec(code, scope)
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    step()
     benchmark.group = f"maxsim fwd+bwd {shape} {dtype} {device}"
     benchmark.extra_info["backend"] = backend
     benchmark.extra_info["gradients_mib"] = (B * Lq + P * Lp) * D * torch.finfo(getattr(torch, dtype)).bits / 8 / 2**20
-    if device == "cuda":
-        benchmark.extra_info["peak_mib"] = cuda_peak_growth_mib(step)
-    else:
-        benchmark.extra_info["peak_mib"] = cpu_peak_growth_mib(setup, run, warmup=False)  # SETUP warms up on tiny inputs
-    benchmark.pedantic(step, rounds=3, warmup_rounds=0)
+    run_case(benchmark, setup, run, device)

@@ -54,3 +54,24 @@ def cuda_peak_growth_mib(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_case(benchmark, setup: str, run: str, device: str, rounds: int = 3) -> None:
+    """One suite case: `setup` (source, which also warms the op up on tiny inputs) then `run`
+    timed by pytest-benchmark; extra_info["peak_mib"] is the run's peak memory growth (CPU: in a
+    fresh subprocess, see cpu_peak_growth_mib; CUDA: max_memory_allocated)."""
+    scope = {}
+    exec(setup, scope)
+    code = compile(run, "bench", "exec")
+
+    def step():
+        exec(code, scope)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    if device == "cuda":
+        benchmark.extra_info["peak_mib"] = cuda_peak_growth_mib(step)
+    else:
+        benchmark.extra_info["peak_mib"] = cpu_peak_growth_mib(setup, run, warmup=False)
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=0)
