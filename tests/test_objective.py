@@ -175,3 +175,18 @@ def test_loss_terms_match_a_float64_reference(backend, term):
         assert int(masked) > 0, "the filter must mask something here (else the test is vacuous)"
     else:
         assert masked is None
+
+
+@pytest.mark.parametrize("loss", [{"symmetric_weight": 0.5}, {"matryoshka_dims": [8]}, {"false_negative_delta": 0.1}])
+def test_colbert_refuses_the_pooled_loss_terms_naming_the_key(loss):
+    from train_fixture import base_config
+
+    from embedcore.errors import ConfigError
+    from embedcore.train.config import config_from_dict
+
+    data = base_config("model", "train.jsonl", None, "ckpt")
+    data["loss"] = loss
+    config_from_dict(data)  # fine for pooled models
+    data["model"]["pooling"] = "colbert"
+    with pytest.raises(ConfigError, match=f"loss.{next(iter(loss))}: the loss terms apply to pooled embeddings"):
+        config_from_dict(data)

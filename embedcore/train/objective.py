@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from embedcore.backends import accumulation_dtype
+from embedcore.errors import ConfigError
 from embedcore.ops.contrastive import contrastive_loss
 from embedcore.ops.matryoshka import filtered_contrastive_loss, matryoshka_contrastive_loss
 from embedcore.ops.maxsim import maxsim_contrastive_loss
@@ -165,6 +166,22 @@ class ColbertObjective:
         return _group_loop(q.shape[0], p.shape[0] // q.shape[0], lambda qi, pj: maxsim_contrastive_loss(
             q[qi], q_mask[qi], p[pj], p_mask[pj], self.temperature, positive_index=zero, return_ranks=True,
             backend=self.backend))
+
+
+def check_objective_config(cfg) -> None:
+    """ConfigError for settings the configured objective cannot honour: ColBERT token vectors have
+    no single-vector evaluation and train with the MaxSim InfoNCE alone (no loss: terms)."""
+    if cfg.model.pooling != "colbert":
+        return
+    if cfg.evaluation is not None:
+        raise ConfigError("evaluation: model.pooling colbert (multi-vector) cannot be evaluated by single-vector "
+                          "retrieval; remove the evaluation section")
+    L = cfg.loss
+    terms = [k for k in ("symmetric_weight", "distill_weight") if getattr(L, k)] + \
+        [k for k in ("matryoshka_dims", "false_negative_margin", "false_negative_delta") if getattr(L, k) is not None]
+    if terms:
+        raise ConfigError(f"loss.{terms[0]}: the loss terms apply to pooled embeddings; model.pooling colbert "
+                          f"trains with the MaxSim InfoNCE alone")
 
 
 def build_objective(cfg) -> PooledObjective | ColbertObjective:

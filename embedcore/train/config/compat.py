@@ -11,7 +11,7 @@ it is:
   a one-line notice (`compat_notices`, printed by the trainer at start).
 
 Settings that do act but fall back on a CPU machine (dist_env.backend nccl, FusedAdam,
-model.torch_dtype float16) say so where the device is known (train/distributed.py, optim.py,
+model.torch_dtype float16) say so where the device is known (embedcore/distributed.py, train/optim.py,
 build.py), not here: this module needs the config only.
 """
 from __future__ import annotations

@@ -179,9 +179,6 @@ def _validate_evaluation(cfg: TrainConfig) -> None:
                           "checkpoint.save_consolidated true")
     if cfg.peft is not None and not cfg.checkpoint.export_merged_lora:
         raise ConfigError("evaluation: LoRA runs export a loadable model only with checkpoint.export_merged_lora: true")
-    if cfg.model.pooling == "colbert":
-        raise ConfigError("evaluation: model.pooling colbert (multi-vector) cannot be evaluated by single-vector "
-                          "retrieval; remove the evaluation section")
 
 
 def _validate_loss(cfg: TrainConfig) -> None:
@@ -205,8 +202,7 @@ def _validate_loss(cfg: TrainConfig) -> None:
                               f"{L.matryoshka_weights} for {L.matryoshka_dims}")
         if any(w < 0 for w in L.matryoshka_weights):
             raise ConfigError(f"loss.matryoshka_weights: must be >= 0, got {L.matryoshka_weights}")
-    terms = [k for k in ("symmetric_weight", "distill_weight") if getattr(L, k)] + \
-        [k for k in ("matryoshka_dims", "false_negative_margin", "false_negative_delta") if getattr(L, k) is not None]
-    if terms and cfg.model.pooling == "colbert":
-        raise ConfigError(f"loss.{terms[0]}: the loss terms apply to pooled embeddings; model.pooling colbert "
-                          f"trains with the MaxSim InfoNCE alone")
+    # What each objective supports (its loss terms, single-vector evaluation) is the objective's to say.
+    from embedcore.train.objective import check_objective_config
+
+    check_objective_config(cfg)
