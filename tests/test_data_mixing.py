@@ -17,7 +17,7 @@ DS = [0] * 9 + [1] * 23 + [2] * 12  # three datasets of 9, 23 and 12 examples (N
 def batches(sampler, epoch):
     sampler.set_epoch(epoch)
     order = sampler.global_order()
-    G = sampler.global_batch_size
+    G = sampler.batch_over_ranks
     return [order[k:k + G] for k in range(0, len(order), G)]
 
 
@@ -34,8 +34,8 @@ def test_largest_remainder_is_exact():
 @pytest.mark.parametrize("R", [1, 2])
 def test_proportional_without_homogeneous_is_the_plain_order(R):
     for r in range(R):
-        mix = MixingSampler(DS, num_replicas=R, rank=r, seed=3, global_batch_size=4)
-        plain = ResumableSampler(len(DS), num_replicas=R, rank=r, seed=3, global_batch_size=4)
+        mix = MixingSampler(DS, num_replicas=R, rank=r, seed=3, batch_over_ranks=4)
+        plain = ResumableSampler(len(DS), num_replicas=R, rank=r, seed=3, batch_over_ranks=4)
         for epoch in (0, 1):
             mix.set_epoch(epoch)
             plain.set_epoch(epoch)
@@ -45,7 +45,7 @@ def test_proportional_without_homogeneous_is_the_plain_order(R):
 @pytest.mark.parametrize("sampling,weights", [("proportional", None), ("round_robin", None), ("weights", [1, 0, 3])])
 def test_homogeneous_batches_across_ranks_and_exact_shares(sampling, weights):
     G, R = 4, 2
-    per_rank = [MixingSampler(DS, num_replicas=R, rank=r, seed=11, global_batch_size=G, sampling=sampling,
+    per_rank = [MixingSampler(DS, num_replicas=R, rank=r, seed=11, batch_over_ranks=G, sampling=sampling,
                               weights=weights, homogeneous=True) for r in range(R)]
     loaders = [DataLoader(list(range(len(DS))), batch_size=G // R, sampler=s) for s in per_rank]
     for epoch in (0, 1):
@@ -64,7 +64,7 @@ def test_homogeneous_batches_across_ranks_and_exact_shares(sampling, weights):
 
 
 def test_weights_per_position_and_without_replacement_within_a_dataset():
-    s = MixingSampler(DS, seed=2, global_batch_size=4, sampling="weights", weights=[1, 1, 2])
+    s = MixingSampler(DS, seed=2, batch_over_ranks=4, sampling="weights", weights=[1, 1, 2])
     for epoch in (0, 1):
         order = [i for b in batches(s, epoch) for i in b]
         per = [[i for i in order if DS[i] == d] for d in range(3)]
@@ -77,9 +77,9 @@ def test_weights_per_position_and_without_replacement_within_a_dataset():
 
 
 def test_round_robin_positions_and_unshuffled_interleaving():
-    rr = MixingSampler(DS, seed=2, global_batch_size=4, sampling="round_robin")
+    rr = MixingSampler(DS, seed=2, batch_over_ranks=4, sampling="round_robin")
     assert labels(batches(rr, 0)[0]) == [0, 1, 2, 0] and labels(batches(rr, 0)[1]) == [1, 2, 0, 1]
-    fixed = MixingSampler(DS, seed=2, global_batch_size=4, sampling="weights", weights=[1, 0, 1], shuffle=False)
+    fixed = MixingSampler(DS, seed=2, batch_over_ranks=4, sampling="weights", weights=[1, 0, 1], shuffle=False)
     order = [i for b in batches(fixed, 0) for i in b]
     assert [DS[i] for i in order][:6] == [0, 2, 0, 2, 0, 2]  # spread evenly, files in order
     assert [i for i in order if DS[i] == 0][:9] == list(range(9))
@@ -89,10 +89,10 @@ def test_round_robin_positions_and_unshuffled_interleaving():
 def test_the_plan_touches_no_global_rng_and_is_a_pure_function():
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    a = batches(MixingSampler(DS, seed=5, global_batch_size=4, sampling="weights", weights=[2, 1, 1],
+    a = batches(MixingSampler(DS, seed=5, batch_over_ranks=4, sampling="weights", weights=[2, 1, 1],
                               homogeneous=True), 3)
     assert torch.equal(before, torch.get_rng_state())
-    b = batches(MixingSampler(DS, seed=5, global_batch_size=4, sampling="weights", weights=[2, 1, 1],
+    b = batches(MixingSampler(DS, seed=5, batch_over_ranks=4, sampling="weights", weights=[2, 1, 1],
                               homogeneous=True), 3)
     assert a == b
 
@@ -102,7 +102,7 @@ def test_resume_mid_epoch_equals_uninterrupted(R):
     G, L, stop = 4, 4 // R, 4
 
     def make(r):
-        return MixingSampler(DS, num_replicas=R, rank=r, seed=9, global_batch_size=G, sampling="weights",
+        return MixingSampler(DS, num_replicas=R, rank=r, seed=9, batch_over_ranks=G, sampling="weights",
                              weights=[3, 1, 2], homogeneous=True)
 
     for r in range(R):
@@ -126,30 +126,30 @@ def test_resume_mid_epoch_equals_uninterrupted(R):
 
 
 def test_state_from_other_settings_is_refused():
-    s = MixingSampler(DS, seed=1, global_batch_size=4, sampling="weights", weights=[1, 1, 1])
+    s = MixingSampler(DS, seed=1, batch_over_ranks=4, sampling="weights", weights=[1, 1, 1])
     state = s.state_dict()
     with pytest.raises(ValueError, match="weights="):
-        MixingSampler(DS, seed=1, global_batch_size=4, sampling="weights", weights=[1, 2, 1]).load_state_dict(state)
+        MixingSampler(DS, seed=1, batch_over_ranks=4, sampling="weights", weights=[1, 2, 1]).load_state_dict(state)
     with pytest.raises(ValueError, match="homogeneous="):
-        MixingSampler(DS, seed=1, global_batch_size=4, sampling="weights", weights=[1, 1, 1],
+        MixingSampler(DS, seed=1, batch_over_ranks=4, sampling="weights", weights=[1, 1, 1],
                       homogeneous=True).load_state_dict(state)
     with pytest.raises(ValueError, match="dataset_sizes="):
-        MixingSampler(DS[:-1] + [0], seed=1, global_batch_size=4, sampling="weights",
+        MixingSampler(DS[:-1] + [0], seed=1, batch_over_ranks=4, sampling="weights",
                       weights=[1, 1, 1]).load_state_dict(state)
-    plain = ResumableSampler(len(DS), seed=1, global_batch_size=4).state_dict()
+    plain = ResumableSampler(len(DS), seed=1, batch_over_ranks=4).state_dict()
     with pytest.raises(ValueError, match="no mixing settings"):
         s.load_state_dict(plain)
 
 
 def test_bad_sampler_arguments():
     with pytest.raises(ValueError, match="one weight per dataset"):
-        MixingSampler(DS, global_batch_size=4, sampling="weights", weights=[1, 1])
+        MixingSampler(DS, batch_over_ranks=4, sampling="weights", weights=[1, 1])
     with pytest.raises(ValueError, match="not all 0"):
-        MixingSampler(DS, global_batch_size=4, sampling="weights", weights=[0, 0, 0])
+        MixingSampler(DS, batch_over_ranks=4, sampling="weights", weights=[0, 0, 0])
     with pytest.raises(ValueError, match=r"dataset\(s\) \[0\] have \[9\] examples, fewer than one global batch of 10"):
-        MixingSampler(DS, global_batch_size=10, homogeneous=True)
+        MixingSampler(DS, batch_over_ranks=10, homogeneous=True)
     with pytest.raises(ValueError, match=r"dataset\(s\) \[3\] have a weight but no example"):
-        MixingSampler(DS, global_batch_size=4, sampling="weights", weights=[1, 1, 1, 1], num_datasets=4)
+        MixingSampler(DS, batch_over_ranks=4, sampling="weights", weights=[1, 1, 1, 1], num_datasets=4)
 
 
 # ------------------------------------------------------------------------------ config and build

@@ -101,14 +101,14 @@ def test_no_negatives_error_or_counted_skip():
 
 
 def test_eval_is_deterministic_first_positive_first_negatives():
-    ds = RetrievalDataset(EXAMPLES, n_passages=5, seed=1, train=False, eval_negative_size=3)
+    ds = RetrievalDataset(EXAMPLES, n_passages=5, seed=1, sampled=False, eval_negative_size=3)
     assert items(ds, 0) == items(ds, 7)
     assert ds[2]["passages"] == ["P2.0", "N2.0", "N2.1", "N2.2"]
-    other = RetrievalDataset(EXAMPLES, n_passages=5, seed=99, train=False, eval_negative_size=3)
+    other = RetrievalDataset(EXAMPLES, n_passages=5, seed=99, sampled=False, eval_negative_size=3)
     assert items(other, 0) == items(ds, 0)
-    cyc = RetrievalDataset([ex(0, n_neg=2)], n_passages=5, seed=1, train=False, eval_negative_size=5)
+    cyc = RetrievalDataset([ex(0, n_neg=2)], n_passages=5, seed=1, sampled=False, eval_negative_size=5)
     assert cyc[0]["passages"] == ["P0.0", "N0.0", "N0.1", "N0.0", "N0.1", "N0.0"]
-    default = RetrievalDataset(EXAMPLES, n_passages=3, seed=1, train=False)
+    default = RetrievalDataset(EXAMPLES, n_passages=3, seed=1, sampled=False)
     assert len(default[0]["passages"]) == 3
 
 
@@ -127,22 +127,22 @@ def test_sampler_is_a_seeded_permutation():
 
 
 def test_drop_last_and_wraparound():
-    s = ResumableSampler(10, shuffle=False, global_batch_size=4)
+    s = ResumableSampler(10, shuffle=False, batch_over_ranks=4)
     assert list(s) == list(range(8)) and len(s) == 8
-    s = ResumableSampler(10, shuffle=False, global_batch_size=4, drop_last=False)
+    s = ResumableSampler(10, shuffle=False, batch_over_ranks=4, drop_last=False)
     assert list(s) == [*range(10), 0, 1] and len(s) == 12
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        ResumableSampler(3, global_batch_size=4)
+        ResumableSampler(3, batch_over_ranks=4)
     with pytest.raises(ValueError, match="multiple of num_replicas"):
-        ResumableSampler(10, num_replicas=2, global_batch_size=5)
+        ResumableSampler(10, num_replicas=2, batch_over_ranks=5)
 
 
 @pytest.mark.parametrize("R,L", [(2, 3), (3, 2)])
 def test_ranks_split_each_global_batch_into_contiguous_chunks(R, L):
     n, G = 31, R * L
-    one = DataLoader(list(range(n)), batch_size=G, sampler=ResumableSampler(n, seed=7, global_batch_size=G))
+    one = DataLoader(list(range(n)), batch_size=G, sampler=ResumableSampler(n, seed=7, batch_over_ranks=G))
     per_rank = [DataLoader(list(range(n)), batch_size=L,
-                           sampler=ResumableSampler(n, num_replicas=R, rank=r, seed=7, global_batch_size=G))
+                           sampler=ResumableSampler(n, num_replicas=R, rank=r, seed=7, batch_over_ranks=G))
                 for r in range(R)]
     for epoch in (0, 1):
         one.sampler.set_epoch(epoch)
@@ -158,7 +158,7 @@ def test_ranks_split_each_global_batch_into_contiguous_chunks(R, L):
 def run_with_checkpoint(n, G, R, stop_after, epochs=2, seed=5):
     """Take `stop_after` batches, save every rank's state, rebuild and continue; return all batches."""
     L = G // R
-    made = [ResumableSampler(n, num_replicas=R, rank=r, seed=seed, global_batch_size=G) for r in range(R)]
+    made = [ResumableSampler(n, num_replicas=R, rank=r, seed=seed, batch_over_ranks=G) for r in range(R)]
     seen, states = [[] for _ in range(R)], None
     for r, s in enumerate(made):
         loader = DataLoader(list(range(n)), batch_size=L, sampler=s)
@@ -169,7 +169,7 @@ def run_with_checkpoint(n, G, R, stop_after, epochs=2, seed=5):
     states = [s.state_dict() for s in made]
     del made
     for r in range(R):
-        s = ResumableSampler(n, num_replicas=R, rank=r, seed=seed, global_batch_size=G)
+        s = ResumableSampler(n, num_replicas=R, rank=r, seed=seed, batch_over_ranks=G)
         s.load_state_dict(states[r])
         loader = DataLoader(list(range(n)), batch_size=L, sampler=s)
         for epoch in range(s.epoch, epochs):
@@ -184,7 +184,7 @@ def test_resume_mid_epoch_equals_uninterrupted(R):
     resumed, states = run_with_checkpoint(n, G, R, stop_after=3)
     assert states[0]["epoch"] == 0 and states[0]["position"] == 3 * G
     for r in range(R):
-        s = ResumableSampler(n, num_replicas=R, rank=r, seed=5, global_batch_size=G)
+        s = ResumableSampler(n, num_replicas=R, rank=r, seed=5, batch_over_ranks=G)
         loader = DataLoader(list(range(n)), batch_size=G // R, sampler=s)
         straight = []
         for epoch in range(2):
@@ -201,13 +201,13 @@ def test_resume_at_end_of_epoch_and_with_other_world_size():
     straight = [b.tolist() for e in range(2) for b in _loader_epoch(n, G, e)]
     assert resumed[0] == straight
     # A 1-rank state loaded into 2 ranks with the same global batch continues the same global order.
-    s1 = ResumableSampler(n, seed=5, global_batch_size=G)
+    s1 = ResumableSampler(n, seed=5, batch_over_ranks=G)
     it = iter(DataLoader(list(range(n)), batch_size=G, sampler=s1))
     first = next(it).tolist()
     state = s1.state_dict()
     halves = []
     for r in range(2):
-        s = ResumableSampler(n, num_replicas=2, rank=r, seed=5, global_batch_size=G)
+        s = ResumableSampler(n, num_replicas=2, rank=r, seed=5, batch_over_ranks=G)
         s.load_state_dict(state)
         halves.append([b.tolist() for b in DataLoader(list(range(n)), batch_size=2, sampler=s)])
     rest = [b.tolist() for b in it]
@@ -215,13 +215,13 @@ def test_resume_at_end_of_epoch_and_with_other_world_size():
 
 
 def _loader_epoch(n, G, epoch):
-    s = ResumableSampler(n, seed=5, global_batch_size=G)
+    s = ResumableSampler(n, seed=5, batch_over_ranks=G)
     s.set_epoch(epoch)
     return DataLoader(list(range(n)), batch_size=G, sampler=s)
 
 
 def test_state_mismatch_and_consumed_override():
-    s = ResumableSampler(20, seed=1, global_batch_size=4)
+    s = ResumableSampler(20, seed=1, batch_over_ranks=4)
     with pytest.raises(ValueError, match="seed=2"):
         s.load_state_dict({**s.state_dict(), "seed": 2})
     with pytest.raises(ValueError, match="length=21"):
@@ -232,7 +232,7 @@ def test_state_mismatch_and_consumed_override():
     assert s.state_dict()["position"] == 12 and s.state_dict(consumed=4)["position"] == 4
     with pytest.raises(ValueError, match="whole number of local batches"):
         s.state_dict(consumed=5)
-    s2 = ResumableSampler(20, seed=1, global_batch_size=4)
+    s2 = ResumableSampler(20, seed=1, batch_over_ranks=4)
     s2.load_state_dict(s.state_dict(consumed=4))
     assert s2.state_dict()["position"] == 4  # still pending: the state round-trips before iterating
     assert list(s2) == list(s.global_order())[4:20]
@@ -242,7 +242,7 @@ def test_real_entries_of_padded_batches():
     n, G, R = 11, 4, 2  # 3 global batches = 12 positions, the last one is padding
     counts = []
     for r in range(R):
-        s = ResumableSampler(n, num_replicas=R, rank=r, shuffle=False, drop_last=False, global_batch_size=G)
+        s = ResumableSampler(n, num_replicas=R, rank=r, shuffle=False, drop_last=False, batch_over_ranks=G)
         batches = [b.tolist() for b in DataLoader(list(range(n)), batch_size=2, sampler=s)]
         counts.append([s.real_in_local_batch(k) for k in range(len(batches))])
         real = [i for k, b in enumerate(batches) for i in b[: counts[r][k]]]
@@ -256,4 +256,4 @@ def test_summary_carries_load_time_skips(tmp_path):
     f.write_text('{"query": "a", "pos_doc": "p", "neg_doc": "n"}\n{"query": "b"}\n{"query": "c", "pos_doc": "p2"}\n')
     ds = RetrievalDataset(load_examples([str(f)], skip_bad=True), n_passages=2, seed=0)
     assert len(ds) == 1 and ds.skipped == {"empty_positive": 1, "no_negatives": 1}
-    assert ds.summary() == "1 queries x 2 passages (train); skipped empty_positive: 1, no_negatives: 1"
+    assert ds.summary() == "1 queries x 2 passages (sampled); skipped empty_positive: 1, no_negatives: 1"

@@ -37,7 +37,7 @@ def test_same_text_is_one_id_across_formats_and_doc_ids(tmp_path):
                                   "neg_doc": "Rome is in Italy."}) + "\n")
     examples = load_examples([str(corpus_json), str(inline)])
     assert len({e.positives[0].uid for e in examples}) == 3  # three uids for one text
-    ds = RetrievalDataset(examples, n_passages=2, seed=0, train=False)
+    ds = RetrievalDataset(examples, n_passages=2, seed=0, sampled=False)
     batch = BiencoderCollator(word_tokenizer())([ds[i] for i in range(3)])
     ids = batch["passage_ids"].tolist()
     assert ids[0] == ids[2] == ids[4] and len(set(ids)) == 3  # the three positives: one id
@@ -63,12 +63,12 @@ def _dataset(n=24, distinct=8):
     except that example 1's negative is example 0's positive."""
     exs = [_example(i, f"positive {i % distinct}", [f"negative {i}"]) for i in range(n)]
     exs[1].negatives = [Passage("positive 0", text_uid("positive 0"))]
-    return RetrievalDataset(exs, n_passages=2, seed=3, train=True)
+    return RetrievalDataset(exs, n_passages=2, seed=3, sampled=True)
 
 
 def _dup_batches(ds, sampler, epoch):
     sampler.set_epoch(epoch)
-    order, G = sampler.global_order(), sampler.global_batch_size
+    order, G = sampler.global_order(), sampler.batch_over_ranks
     bad = 0
     for k in range(0, len(order), G):
         keys = [ds.group_keys(i, epoch) for i in order[k:k + G]]
@@ -79,20 +79,20 @@ def _dup_batches(ds, sampler, epoch):
 @pytest.mark.parametrize("R", [1, 2])
 def test_no_duplicates_sampler_keeps_copies_apart(R):
     ds = _dataset(n=30)  # 7 batches of 4: 2 examples of slack at the end of the epoch
-    plain = MixingSampler([0] * len(ds), seed=1, global_batch_size=4)
+    plain = MixingSampler([0] * len(ds), seed=1, batch_over_ranks=4)
     assert sum(_dup_batches(ds, plain, e)[0] for e in range(4)) > 0  # without it, copies do meet
     for r in range(R):
-        s = MixingSampler([0] * len(ds), num_replicas=R, rank=r, seed=1, global_batch_size=4, keys_of=ds.group_keys)
+        s = MixingSampler([0] * len(ds), num_replicas=R, rank=r, seed=1, batch_over_ranks=4, keys_of=ds.group_keys)
         for epoch in range(4):
             bad, order = _dup_batches(ds, s, epoch)
             assert bad == 0 and s.forced == 0
             assert len(order) == 28 and len(set(order)) == 28  # no example twice in an epoch
     # resume mid-epoch continues the same duplicate-free plan
-    s = MixingSampler([0] * len(ds), seed=1, global_batch_size=4, keys_of=ds.group_keys)
+    s = MixingSampler([0] * len(ds), seed=1, batch_over_ranks=4, keys_of=ds.group_keys)
     s.set_epoch(2)
     it = iter(s)
     head = [next(it) for _ in range(8)]
-    again = MixingSampler([0] * len(ds), seed=1, global_batch_size=4, keys_of=ds.group_keys)
+    again = MixingSampler([0] * len(ds), seed=1, batch_over_ranks=4, keys_of=ds.group_keys)
     again.load_state_dict(s.state_dict())
     assert head + list(again) == s.global_order(2)
 
@@ -101,8 +101,8 @@ def test_no_slack_at_the_end_of_an_epoch_keeps_every_example():
     # 24 examples in 6 batches of 4: the greedy fill (as sentence-transformers') may be left with
     # examples that cannot be separated in the last batch; they are kept and counted, never dropped
     ds = _dataset(n=24)
-    s = MixingSampler([0] * len(ds), seed=0, global_batch_size=4, keys_of=ds.group_keys)
-    plain = MixingSampler([0] * len(ds), seed=0, global_batch_size=4)
+    s = MixingSampler([0] * len(ds), seed=0, batch_over_ranks=4, keys_of=ds.group_keys)
+    plain = MixingSampler([0] * len(ds), seed=0, batch_over_ranks=4)
     bad = forced = plain_bad = 0
     for epoch in range(4):
         b, order = _dup_batches(ds, s, epoch)
@@ -113,7 +113,7 @@ def test_no_slack_at_the_end_of_an_epoch_keeps_every_example():
 
 def test_unavoidable_duplicates_are_kept_and_counted(caplog):
     ds = _dataset(n=12, distinct=2)  # batches of 4 from two positive texts: 2 duplicates per batch at least
-    s = MixingSampler([0] * len(ds), seed=1, global_batch_size=4, keys_of=ds.group_keys)
+    s = MixingSampler([0] * len(ds), seed=1, batch_over_ranks=4, keys_of=ds.group_keys)
     caplog.set_level("INFO")
     bad, order = _dup_batches(ds, s, 0)
     assert len(order) == 12 and sorted(order) == list(range(12)) and s.forced >= 6 and bad > 0
@@ -123,7 +123,7 @@ def test_unavoidable_duplicates_are_kept_and_counted(caplog):
 def test_homogeneous_and_no_duplicates_together():
     ds = _dataset(n=24, distinct=6)
     files = [0] * 12 + [1] * 12
-    s = MixingSampler(files, seed=4, global_batch_size=4, sampling="round_robin", homogeneous=True,
+    s = MixingSampler(files, seed=4, batch_over_ranks=4, sampling="round_robin", homogeneous=True,
                       keys_of=ds.group_keys)
     bad, order = _dup_batches(ds, s, 1)
     assert bad == 0 and all(len({files[i] for i in order[k:k + 4]}) == 1 for k in range(0, 24, 4))

@@ -3,13 +3,13 @@
 
 Sampling (better than the reference, which always takes ``pos_doc[0]`` and the first negatives):
 
-* train (``train=True``): for item ``i`` in epoch ``e`` a private ``random.Random`` seeded from
+* sampled (``sampled=True``, training): for item ``i`` in epoch ``e`` a private ``random.Random`` seeded from
   blake2b(seed, e, i) picks one positive among all positives and ``n_passages - 1`` negatives
   among all negatives: without replacement when there are enough, else the negatives in one
   seeded permutation repeated cyclically (each negative appears ``floor`` or ``ceil`` of
   ``k / len(negatives)`` times). The same (seed, epoch, i) gives the same item in every
   process, so resumed and multi-rank runs agree; no global RNG is touched.
-* eval (``train=False``): deterministic, independent of seed and epoch: the first positive and
+* first in file order (``sampled=False``: validation, and training with ``do_shuffle: false``): deterministic, independent of seed and epoch: the first positive and
   the first ``eval_negative_size`` negatives in file order, repeated cyclically when fewer
   (as the reference does). ``eval_negative_size=None`` means ``n_passages - 1``.
 
@@ -47,15 +47,16 @@ class RetrievalDataset:
         examples: an ExampleSet (or any sequence of Example) from load_examples.
         n_passages: train_n_passages, 1 positive + n_passages - 1 negatives (>= 1).
         seed: the sampling seed (combine with the epoch via set_epoch).
-        train: seeded random sampling (True) or deterministic eval groups (False).
-        eval_negative_size: negatives per query when train=False (None: n_passages - 1).
+        sampled: a seeded random choice of positive and negatives per item and epoch (True), or
+            the first ones in file order (False).
+        eval_negative_size: negatives per query when sampled=False (None: n_passages - 1).
         skip_bad: leave out examples with no negatives instead of raising (None: take the
             ExampleSet's own skip_bad).
         prefixes: per-dataset prefixes put into every item (see the module docstring); None:
             items carry none and the collator's own prefixes apply (instructions off).
     """
 
-    def __init__(self, examples, n_passages: int, seed: int, train: bool = True,
+    def __init__(self, examples, n_passages: int, seed: int, sampled: bool = True,
                  eval_negative_size: int | None = None, *, skip_bad: bool | None = None,
                  prefixes: dict | None = None):
         if not isinstance(n_passages, int) or isinstance(n_passages, bool) or n_passages < 1:
@@ -64,8 +65,8 @@ class RetrievalDataset:
             raise ValueError(f"eval_negative_size must be an integer >= 0 or None, got {eval_negative_size!r}")
         self.n_passages = n_passages
         self.seed = int(seed)
-        self.train = bool(train)
-        self.num_negatives = n_passages - 1 if (train or eval_negative_size is None) else eval_negative_size
+        self.sampled = bool(sampled)
+        self.num_negatives = n_passages - 1 if (sampled or eval_negative_size is None) else eval_negative_size
         self.epoch = 0
         if skip_bad is None:
             skip_bad = bool(getattr(examples, "skip_bad", False))
@@ -76,7 +77,7 @@ class RetrievalDataset:
             if self.num_negatives > 0 and not ex.negatives:
                 if not skip_bad:
                     raise DataError(f"{ex.source}: example has no negatives but {self.num_negatives} are needed per "
-                                    f"query ({'train_n_passages - 1' if self.train else 'eval_negative_size'}); "
+                                    f"query ({'train_n_passages - 1' if self.sampled else 'eval_negative_size'}); "
                                     f"add neg_doc, mine negatives, or enable skipping", "no_negatives")
                 self.skipped["no_negatives"] = self.skipped.get("no_negatives", 0) + 1
                 continue
@@ -99,7 +100,7 @@ class RetrievalDataset:
 
     def summary(self) -> str:
         """One line: size and skipped examples."""
-        line = f"{len(self)} queries x {1 + self.num_negatives} passages ({'train' if self.train else 'eval'})"
+        line = f"{len(self)} queries x {1 + self.num_negatives} passages ({'sampled' if self.sampled else 'first in file order'})"
         if self.skipped:
             line += "; skipped " + ", ".join(f"{k}: {v}" for k, v in self.skipped.items())
         return line
@@ -119,7 +120,7 @@ class RetrievalDataset:
     def _choose(self, index: int, epoch: int | None = None):
         ex = self.examples[index]
         k = self.num_negatives
-        if not self.train:
+        if not self.sampled:
             negs = [ex.negatives[j % len(ex.negatives)] for j in range(k)] if k else []
             return ex, ex.positives[0], negs
         rng = random.Random(_item_seed(self.seed, self.epoch if epoch is None else epoch, index))

@@ -122,15 +122,15 @@ class MixingSampler(ResumableSampler):
             given, batches are kept free of duplicates (no_duplicates).
         num_datasets: how many datasets there are (None: max(dataset_of) + 1; give it when a
             trailing file may have lost all its examples to skipping).
-        num_replicas, rank, shuffle, seed, global_batch_size: as ResumableSampler (drop_last is
+        num_replicas, rank, shuffle, seed, batch_over_ranks: as ResumableSampler (drop_last is
             always true: every step sees a full global batch).
     """
 
     def __init__(self, dataset_of, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
-                 global_batch_size: int | None = None, sampling: str = "proportional", weights=None,
+                 batch_over_ranks: int | None = None, sampling: str = "proportional", weights=None,
                  homogeneous: bool = False, keys_of=None, num_datasets: int | None = None):
         super().__init__(len(dataset_of), num_replicas, rank, shuffle=shuffle, seed=seed, drop_last=True,
-                         global_batch_size=global_batch_size)
+                         batch_over_ranks=batch_over_ranks)
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
         self.dataset_of = [int(d) for d in dataset_of]
@@ -153,10 +153,10 @@ class MixingSampler(ResumableSampler):
         if empty:
             raise ValueError(f"dataset(s) {empty} have a weight but no example (after skipping)")
         if homogeneous:
-            small = [d for d, (n, w) in enumerate(zip(self.sizes, shares)) if w > 0 and n < self.global_batch_size]
+            small = [d for d, (n, w) in enumerate(zip(self.sizes, shares)) if w > 0 and n < self.batch_over_ranks]
             if small:
                 raise ValueError(f"homogeneous batches: dataset(s) {small} have {[self.sizes[d] for d in small]} "
-                                 f"examples, fewer than one global batch of {self.global_batch_size}")
+                                 f"examples, fewer than one global batch of {self.batch_over_ranks}")
         self.sampling, self.shares, self.homogeneous, self.keys_of = sampling, shares, bool(homogeneous), keys_of
         self.weights = None if weights is None else [float(w) for w in weights]
         self.forced = 0  # duplicates accepted in the last planned epoch (no clean candidate in reach)
@@ -188,7 +188,7 @@ class MixingSampler(ResumableSampler):
         epoch = self.epoch if epoch is None else int(epoch)
         if self._plan[0] == epoch:
             return self._plan[1]
-        G, nb = self.global_batch_size, self.num_global_batches
+        G, nb = self.batch_over_ranks, self.num_global_batches
         streams = self._streams(epoch)
         if len(streams) == 1:
             slots = [0] * (nb * G)

@@ -2,7 +2,8 @@
 
 How indices are split: epoch ``e`` has one *global order* (a permutation of ``range(length)``
 seeded by (seed, e), or the identity when shuffle=False). The order is cut into consecutive
-*global batches* of ``G = global_batch_size`` indices; global batch ``b`` is cut into
+batches of ``G = batch_over_ranks`` indices, one DataLoader step of every rank (the config's
+``step_scheduler.global_batch_size`` is G x the gradient-accumulation steps); batch ``b`` is cut into
 ``num_replicas`` contiguous chunks of ``L = G / num_replicas`` indices, and rank ``r`` takes
 chunk ``r``. Used through a plain ``DataLoader(dataset, batch_size=L, sampler=sampler)``, each
 DataLoader batch on rank r is exactly its chunk of one global batch, so a 2-rank run with
@@ -10,7 +11,7 @@ DataLoader batch on rank r is exactly its chunk of one global batch, so a 2-rank
 
 ``G`` is the number of examples one DataLoader step consumes over all ranks, i.e.
 ``local_batch_size * num_replicas`` (gradient accumulation is *not* included: consecutive
-micro-steps take consecutive global batches). ``global_batch_size=None`` means
+micro-steps take consecutive global batches). ``batch_over_ranks=None`` means
 ``num_replicas`` (rank r takes every num_replicas-th index, like DistributedSampler).
 
 The tail: with ``drop_last=True`` an incomplete last global batch is dropped; otherwise it is
@@ -47,25 +48,25 @@ class ResumableSampler(Sampler):
         shuffle: permute per epoch (seeded by seed and epoch) or keep 0..length-1.
         seed: the shuffle seed; identical on every rank.
         drop_last: drop the incomplete last global batch (else wrap around to fill it).
-        global_batch_size: indices per DataLoader step over all ranks (local batch x ranks);
+        batch_over_ranks: indices per DataLoader step over all ranks (local batch x ranks);
             must be a multiple of num_replicas. None: num_replicas.
     """
 
     def __init__(self, length: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = True, global_batch_size: int | None = None):
+                 drop_last: bool = True, batch_over_ranks: int | None = None):
         if length < 1:
             raise ValueError(f"cannot sample from an empty dataset (length {length})")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
-        G = num_replicas if global_batch_size is None else int(global_batch_size)
+        G = num_replicas if batch_over_ranks is None else int(batch_over_ranks)
         if G < 1 or G % num_replicas:
-            raise ValueError(f"global_batch_size {G} must be a positive multiple of num_replicas {num_replicas}")
+            raise ValueError(f"batch_over_ranks {G} must be a positive multiple of num_replicas {num_replicas}")
         if drop_last and length < G:
             raise ValueError(f"dataset has {length} examples, fewer than one global batch of {G} "
                              f"(drop_last=True would yield nothing)")
         self.length, self.num_replicas, self.rank = int(length), int(num_replicas), int(rank)
         self.shuffle, self.seed, self.drop_last = bool(shuffle), int(seed), bool(drop_last)
-        self.global_batch_size = G
+        self.batch_over_ranks = G
         self.local_batch_size = G // num_replicas
         self.num_global_batches = length // G if drop_last else -(-length // G)
         self.epoch = 0
@@ -94,7 +95,7 @@ class ResumableSampler(Sampler):
             order = torch.randperm(self.length, generator=g).tolist()
         else:
             order = list(range(self.length))
-        total = self.num_global_batches * self.global_batch_size
+        total = self.num_global_batches * self.batch_over_ranks
         while len(order) < total:  # drop_last=False: wrap around (repeatedly if length < G)
             order += order[: total - len(order)]
         return order[:total]
@@ -103,12 +104,12 @@ class ResumableSampler(Sampler):
         """How many leading entries of this rank's k-th local batch of an epoch are real (the rest
         are wrap-around padding, drop_last=False only). For exact validation metrics: count only
         those, so that every example is counted once while all ranks still run the same steps."""
-        start = k * self.global_batch_size + self.rank * self.local_batch_size
+        start = k * self.batch_over_ranks + self.rank * self.local_batch_size
         return max(0, min(self.local_batch_size, self.length - start))
 
     def __iter__(self):
         order = self.global_order()
-        G, L = self.global_batch_size, self.local_batch_size
+        G, L = self.batch_over_ranks, self.local_batch_size
         start = self._resume_from
         self._resume_from = 0
         self._iter_start = start
@@ -123,7 +124,7 @@ class ResumableSampler(Sampler):
         if local % self.local_batch_size:
             raise ValueError(f"sampler position {local} is not a whole number of local batches of "
                              f"{self.local_batch_size}: take the state between DataLoader batches")
-        return self._iter_start + (local // self.local_batch_size) * self.global_batch_size
+        return self._iter_start + (local // self.local_batch_size) * self.batch_over_ranks
 
     def state_dict(self, consumed: int | None = None) -> dict:
         """{epoch, position (global positions consumed), seed, length, ...}.
@@ -138,7 +139,7 @@ class ResumableSampler(Sampler):
         else:
             position = self._global_position(self._yielded)
         return {"epoch": self.epoch, "position": position, "seed": self.seed, "length": self.length,
-                "shuffle": self.shuffle, "global_batch_size": self.global_batch_size, "drop_last": self.drop_last}
+                "shuffle": self.shuffle, "batch_over_ranks": self.batch_over_ranks, "drop_last": self.drop_last}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at ``state``'s epoch and position on the next ``__iter__``.
@@ -146,14 +147,14 @@ class ResumableSampler(Sampler):
         Raises ValueError when the state came from a different dataset length, seed, shuffle,
         drop_last or global batch size (the order would silently differ).
         """
-        for key in ("seed", "length", "shuffle", "global_batch_size", "drop_last"):
+        for key in ("seed", "length", "shuffle", "batch_over_ranks", "drop_last"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"sampler state has {key}={state[key]!r} but this run has {getattr(self, key)!r}; "
                                  f"resuming would not continue the same order")
         position = int(state["position"])
-        if position % self.global_batch_size or position < 0:
+        if position % self.batch_over_ranks or position < 0:
             raise ValueError(f"sampler state position {position} is not a multiple of the global batch "
-                             f"{self.global_batch_size}")
+                             f"{self.batch_over_ranks}")
         self.epoch = int(state["epoch"])
         self._resume_from = position
         self._iter_start = position

@@ -97,13 +97,13 @@ def build_dataset(cfg: TrainConfig, dl: DataLoaderConfig, train: bool):
     seed = cfg.seed if ds.seed is None else ds.seed
     prefixes = dataset_prefixes_of(dl, examples)
     if train and ds.do_shuffle:
-        dataset = RetrievalDataset(examples, n_passages=cfg.train_n_passages, seed=seed, train=True,
+        dataset = RetrievalDataset(examples, n_passages=cfg.train_n_passages, seed=seed, sampled=True,
                                    prefixes=prefixes)
     elif train:  # the reference's choice: first positive, first negatives cyclically
-        dataset = RetrievalDataset(examples, n_passages=cfg.train_n_passages, seed=seed, train=False,
+        dataset = RetrievalDataset(examples, n_passages=cfg.train_n_passages, seed=seed, sampled=False,
                                    eval_negative_size=cfg.train_n_passages - 1, prefixes=prefixes)
     else:
-        dataset = RetrievalDataset(examples, n_passages=cfg.train_n_passages, seed=seed, train=False,
+        dataset = RetrievalDataset(examples, n_passages=cfg.train_n_passages, seed=seed, sampled=False,
                                    eval_negative_size=cfg.eval_negative_size, prefixes=prefixes)
     if prefixes is not None:
         for cid, (qp, pp) in prefixes.items():
@@ -165,7 +165,7 @@ def build_train_loader(cfg: TrainConfig, dataset, collator, info: DistInfo):
 
         try:
             sampler = MixingSampler(dataset.file_indices, num_replicas=info.world_size, rank=info.rank,
-                                    shuffle=dl.shuffle, seed=seed, global_batch_size=L * info.world_size,
+                                    shuffle=dl.shuffle, seed=seed, batch_over_ranks=L * info.world_size,
                                     sampling=ds.sampling, weights=ds.data_weights,
                                     homogeneous=ds.homogeneous_batches,
                                     keys_of=dataset.group_keys if ds.no_duplicates else None,
@@ -181,7 +181,7 @@ def build_train_loader(cfg: TrainConfig, dataset, collator, info: DistInfo):
                                for path, n, w in zip(ds.data_dir_list, sampler.sizes, sampler.shares)))
     else:  # the plain order (bit-identical to runs before mixing existed)
         sampler = ResumableSampler(len(dataset), num_replicas=info.world_size, rank=info.rank, shuffle=dl.shuffle,
-                                   seed=seed, drop_last=True, global_batch_size=L * info.world_size)
+                                   seed=seed, drop_last=True, batch_over_ranks=L * info.world_size)
     # A private generator: creating an iterator then draws its worker seed from it, not from the
     # global RNG (whose state is checkpointed for dropout and must not depend on when iterators start).
     loader = DataLoader(dataset, batch_size=L, sampler=sampler, collate_fn=collator, num_workers=dl.num_workers,
