@@ -199,8 +199,7 @@ class Checkpointer:
     by the caller (DivergenceGuard) before `save`."""
 
     def __init__(self, ck, every_steps: int, info: DistInfo, trainable_only: bool):
-        self.enabled, self.folder = ck.enabled, ck.checkpoint_dir
-        self.restore_from, self.save_on_interrupt = ck.restore_from, ck.save_on_interrupt
+        self.enabled, self.folder, self.restore_from = ck.enabled, ck.checkpoint_dir, ck.restore_from
         self.every_steps, self.info, self.trainable_only = every_steps, info, trainable_only
         self.last_saved: int | None = None  # step of this run's newest save (or of the restored one)
 

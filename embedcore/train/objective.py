@@ -14,8 +14,8 @@ negatives.
 Validation: each query against its own candidate group (1 positive + eval_negative_size),
 giving per-query loss [B] and rank of the positive [B] (1 = best), without a host sync.
 
-A new loss family is a class with the same two methods (`train_loss`, `group_metrics`) and a
-branch in `build_objective`.
+A new loss family is a class with the same methods (`train_loss`, `group_metrics`, `stats`), a
+branch in `build_objective` and, for settings it cannot honour, a check in `check_objective_config`.
 """
 from __future__ import annotations
 
