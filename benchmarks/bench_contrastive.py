@@ -13,7 +13,7 @@ Few rounds: the big CPU case takes seconds per call on 2 cores.
 import pytest
 import torch
 
-from memory import run_case
+from memory import backend_params, run_case
 
 SHAPES = {"B1024-P16384-D256": (1024, 16384, 256), "B4096-P65536-D128": (4096, 65536, 128)}
 CUDA = torch.cuda.is_available()
@@ -39,17 +39,7 @@ loss.backward()
 """
 
 
-def _params():
-    for shape in SHAPES:
-        for backend in ("torch", "cpp"):
-            yield pytest.param(shape, "float32", backend, "cpu", id=f"{shape}-fp32-cpu-{backend}")
-        for dtype in ("float32", "bfloat16"):
-            for backend in ("torch", "triton"):
-                yield pytest.param(shape, dtype, backend, "cuda", id=f"{shape}-{dtype}-cuda-{backend}",
-                                   marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))
-
-
-@pytest.mark.parametrize("shape, dtype, backend, device", list(_params()))
+@pytest.mark.parametrize("shape, dtype, backend, device", list(backend_params(SHAPES, CUDA)))
 def test_contrastive_fwd_bwd(benchmark, shape, dtype, backend, device):
     B, P, D = SHAPES[shape]
     fmt = dict(B=B, P=P, D=D, dtype=dtype, device=device, backend=backend)

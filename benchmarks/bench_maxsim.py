@@ -18,7 +18,7 @@ Few rounds: the reference takes seconds per call on 2 cores.
 import pytest
 import torch
 
-from memory import run_case
+from memory import backend_params, run_case
 
 SHAPES = {"B64-Lq32-P512-Lp256-D128": (64, 32, 512, 256, 128)}
 CUDA = torch.cuda.is_available()
@@ -48,17 +48,7 @@ loss.backward()
 """
 
 
-def _params():
-    for shape in SHAPES:
-        for backend in ("torch", "cpp"):
-            yield pytest.param(shape, "float32", backend, "cpu", id=f"{shape}-fp32-cpu-{backend}")
-        for dtype in ("float32", "bfloat16"):
-            for backend in ("torch", "triton"):
-                yield pytest.param(shape, dtype, backend, "cuda", id=f"{shape}-{dtype}-cuda-{backend}",
-                                   marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))
-
-
-@pytest.mark.parametrize("shape, dtype, backend, device", list(_params()))
+@pytest.mark.parametrize("shape, dtype, backend, device", list(backend_params(SHAPES, CUDA)))
 def test_maxsim_fwd_bwd(benchmark, shape, dtype, backend, device):
     B, Lq, P, Lp, D = SHAPES[shape]
     fmt = dict(B=B, Lq=Lq, P=P, Lp=Lp, D=D, dtype=dtype, device=device, backend=backend)

@@ -75,3 +75,17 @@ def run_case(benchmark, setup: str, run: str, device: str, rounds: int = 3) -> N
     else:
         benchmark.extra_info["peak_mib"] = cpu_peak_growth_mib(setup, run, warmup=False)
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=0)
+
+
+def backend_params(shapes, cuda: bool):
+    """pytest params (shape, dtype, backend, device) of an op suite: fp32 torch vs cpp on the CPU;
+    fp32 and bf16 torch vs triton on CUDA (skipped without it; ids hold "cuda" for gpu.sh)."""
+    import pytest
+
+    for shape in shapes:
+        for backend in ("torch", "cpp"):
+            yield pytest.param(shape, "float32", backend, "cpu", id=f"{shape}-fp32-cpu-{backend}")
+        for dtype in ("float32", "bfloat16"):
+            for backend in ("torch", "triton"):
+                yield pytest.param(shape, dtype, backend, "cuda", id=f"{shape}-{dtype}-cuda-{backend}",
+                                   marks=pytest.mark.skipif(not cuda, reason="needs CUDA"))
